@@ -1,0 +1,106 @@
+"""Quantization primitives shared by the integer reference, the fake-quant pipeline and the compiler.
+
+All scales are symmetric: ``s = absmax / qmax`` (a zero absmax gives ``s = 1``), ``q = clamp(round(x /
+s), -qmax, qmax)`` with round-half-to-even.  In float32 these are single IEEE operations, so any
+backend that performs the same operations (TIR ``nearbyint``, divide, max) reproduces them bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import QuantSpec
+
+
+def int_dtype(bits: int) -> torch.dtype:
+    """Smallest signed integer dtype holding ``bits``-bit symmetric values."""
+    return torch.int8 if bits <= 8 else torch.int16
+
+
+def n_groups(channels: int, group: int) -> int:
+    """Number of channel groups of size ``group`` (the last one may be partial)."""
+    return -(-channels // group)
+
+
+def group_absmax(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Absolute maxima of ``t`` (``[P, R, C]``) per the granularity of ``spec``: ``[P|1, R|1, G]``."""
+    p, r, c = t.shape
+    g = spec.granularity.group_size(c)
+    ng = n_groups(c, g)
+    a = t.abs()
+    if ng * g != c:
+        a = torch.nn.functional.pad(a, (0, ng * g - c))
+    a = a.reshape(p, r, ng, g).amax(dim=-1)
+    if not spec.per_position:
+        a = a.amax(dim=0, keepdim=True)
+    if not spec.per_row:
+        a = a.amax(dim=1, keepdim=True)
+    return a
+
+
+def scale_from_absmax(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``absmax / qmax`` in the dtype of ``absmax``, with 1 where the absmax is 0."""
+    s = absmax / qmax
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def expand_groups(s: torch.Tensor, channels: int) -> torch.Tensor:
+    """Repeat group scales ``[..., G]`` over their channels: ``[..., channels]``."""
+    ng = s.shape[-1]
+    g = -(-channels // ng) if ng > 1 else channels
+    if ng > 1 and n_groups(channels, g) != ng:
+        raise ValueError(f"cannot spread {ng} groups over {channels} channels")
+    return s.repeat_interleave(g, dim=-1)[..., :channels]
+
+
+def quantize(t: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``clamp(round(t / scale), -qmax, qmax)`` (values stay in ``t``'s float dtype)."""
+    return torch.clamp(torch.round(t / scale), -qmax, qmax)
+
+
+def quantize_grouped(t: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``[P, R, C]`` per ``spec``; returns ``(q, group scales [P|1, R|1, G])``."""
+    s = scale_from_absmax(group_absmax(t, spec), spec.qmax)
+    return quantize(t, expand_groups(s, t.shape[-1]), spec.qmax), s
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return g
+
+
+def fake_quant_grouped(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Differentiable fake quantization of ``[P, R, C]`` (straight-through rounding)."""
+    s = expand_groups(scale_from_absmax(group_absmax(t, spec), spec.qmax), t.shape[-1])
+    return torch.clamp(_RoundSTE.apply(t / s), -spec.qmax, spec.qmax) * s
+
+
+def fake_quant_tensor(t: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-tensor fake quantization (straight-through)."""
+    s = scale_from_absmax(t.abs().amax(), qmax)
+    return torch.clamp(_RoundSTE.apply(t / s), -qmax, qmax) * s
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Exactly rounded float32 fused multiply-add ``round32(a * b + c)``.
+
+    The float64 product of two float32 values is exact; the float64 sum is made round-to-odd with an
+    error-free TwoSum, after which rounding to float32 is correct (Boldo & Melquiond, 2008).
+    """
+    p = a.to(torch.float64) * b.to(torch.float64)
+    c64 = c.to(torch.float64)
+    s = p + c64
+    bv = s - p
+    err = (p - (s - bv)) + (c64 - bv)
+    even = (s.view(torch.int64) & 1) == 0
+    fix = (err != 0) & even
+    toward = torch.where(err > 0, torch.full_like(s, math.inf), torch.full_like(s, -math.inf))
+    s = torch.where(fix, torch.nextafter(s, toward), s)
+    return s.to(torch.float32)
