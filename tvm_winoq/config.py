@@ -78,7 +78,9 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.granularity, PerTensor | PerChannel | PerGroup):
-            raise ConfigError(f"granularity: expected PerTensor/PerChannel/PerGroup, got {self.granularity!r}")
+            raise ConfigError(
+                f"granularity: expected PerTensor/PerChannel/PerGroup, got {self.granularity!r}"
+            )
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ConfigError(f"bits: must be an int in [2, 16], got {self.bits!r}")
 
@@ -155,7 +157,11 @@ class WinoQConfig:
             if not isinstance(a.granularity, PerTensor | PerChannel | PerGroup):
                 raise ConfigError(f"{b}: bad granularity")
         gv, gu = self.v.granularity, self.u.granularity
-        if isinstance(gv, PerGroup) and isinstance(gu, PerGroup) and (gv.size % gu.size and gu.size % gv.size):
+        if (
+            isinstance(gv, PerGroup)
+            and isinstance(gu, PerGroup)
+            and (gv.size % gu.size and gu.size % gv.size)
+        ):
             raise ConfigError(
                 f"u: group size {gu.size} and v group size {gv.size} must nest (one divides the other)"
             )
@@ -193,12 +199,18 @@ class WinoQConfig:
 
 
 def _gran_to_str(g: Granularity) -> str:
-    return "tensor" if isinstance(g, PerTensor) else "channel" if isinstance(g, PerChannel) else f"group{g.size}"
+    return (
+        "tensor" if isinstance(g, PerTensor) else "channel" if isinstance(g, PerChannel) else f"group{g.size}"
+    )
 
 
 def _spec_to_dict(s: QuantSpec) -> dict[str, Any]:
-    return {"granularity": _gran_to_str(s.granularity), "per_position": s.per_position,
-            "per_row": s.per_row, "bits": s.bits}
+    return {
+        "granularity": _gran_to_str(s.granularity),
+        "per_position": s.per_position,
+        "per_row": s.per_row,
+        "bits": s.bits,
+    }
 
 
 def config_from_dict(data: Mapping[str, Any]) -> WinoQConfig:

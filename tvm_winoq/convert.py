@@ -57,8 +57,15 @@ def conv_info(name: str, conv: nn.Conv2d) -> ConvInfo:
     if conv.padding_mode != "zeros":
         reasons.append(f"padding_mode={conv.padding_mode}")
     return ConvInfo(
-        name=name, in_channels=conv.in_channels, out_channels=conv.out_channels, kernel=k, stride=s,
-        dilation=d, groups=conv.groups, padding=(int(pad[0]), int(pad[1])), eligible=not reasons,
+        name=name,
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel=k,
+        stride=s,
+        dilation=d,
+        groups=conv.groups,
+        padding=(int(pad[0]), int(pad[1])),
+        eligible=not reasons,
         reason="eligible" if not reasons else ", ".join(reasons),
     )
 
@@ -83,11 +90,17 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
         hooks = []
         for name, mod in model.named_modules():
             if type(mod) is nn.Conv2d:
-                hooks.append(mod.register_forward_hook(
-                    lambda m, a, out, _n=name: produced.__setitem__(id(out), _n)))
+                hooks.append(
+                    mod.register_forward_hook(lambda m, a, out, _n=name: produced.__setitem__(id(out), _n))
+                )
             elif isinstance(mod, nn.BatchNorm2d):
-                hooks.append(mod.register_forward_pre_hook(
-                    lambda m, a, _n=name: pairs.append((produced[id(a[0])], _n)) if id(a[0]) in produced else None))
+                hooks.append(
+                    mod.register_forward_pre_hook(
+                        lambda m, a, _n=name: (
+                            pairs.append((produced[id(a[0])], _n)) if id(a[0]) in produced else None
+                        )
+                    )
+                )
         try:
             with torch.no_grad():
                 model(example_input)
@@ -161,9 +174,14 @@ class QuantDirectConv2d(nn.Module):
 def layer_choice(info: ConvInfo, cfg: WinoQConfig, default: str) -> str:
     """The per-layer choice for ``info``: the config's override, else ``default`` (ineligible -> direct)."""
     choice = cfg.layers.get(info.name, default)
-    if choice.startswith("f") and not info.eligible:
+    if winograd_tile(choice) and not info.eligible:
         return "direct"
     return choice
+
+
+def winograd_tile(choice: str) -> int | None:
+    """The tile size of a ``"f<m>"`` layer choice (``None`` for ``direct`` / ``float``)."""
+    return int(choice[1:]) if choice[:1] == "f" and choice[1:].isdigit() else None
 
 
 def quantize_model(
@@ -201,10 +219,13 @@ def quantize_model(
     qmodel = fold_batchnorm(model, example_input) if fold_bn else copy.deepcopy(model).eval()
     report: list[tuple[ConvInfo, str]] = []
     for info in eligible_convs(qmodel):
-        choice = layer_choice(info, cfg, default if info.eligible else ("direct" if quantize_ineligible else "float"))
+        choice = layer_choice(
+            info, cfg, default if info.eligible else ("direct" if quantize_ineligible else "float")
+        )
         conv = qmodel.get_submodule(info.name)
-        if choice.startswith("f"):
-            lcfg = cfg if int(choice[1:]) == cfg.tile else cfg.with_(tile=int(choice[1:]), points=None)
+        tile = winograd_tile(choice)
+        if tile:
+            lcfg = cfg if tile == cfg.tile else cfg.with_(tile=tile, points=None)
             sc = scales.get(info.name) if isinstance(scales, Mapping) else scales
             if sc is not None and sc.s_b.numel() != lcfg.tile + 2:
                 sc = None

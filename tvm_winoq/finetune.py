@@ -98,8 +98,15 @@ def collect_layers(model: nn.Module, example_input: torch.Tensor) -> list[ConvLa
         if name not in shapes:
             continue
         conv = model.get_submodule(name)
-        out.append(ConvLayer(name, conv.weight.detach().float(), None if conv.bias is None else
-                             conv.bias.detach().float(), info.padding, shapes[name]))  # type: ignore[arg-type]
+        out.append(
+            ConvLayer(
+                name,
+                conv.weight.detach().float(),
+                None if conv.bias is None else conv.bias.detach().float(),
+                info.padding,
+                shapes[name],
+            )
+        )  # type: ignore[arg-type]
     return out
 
 
@@ -112,10 +119,16 @@ def _gauss_input(layer: ConvLayer, s: FinetuneSettings, gen: torch.Generator) ->
     return torch.randn(s.batch, c, min(h, s.spatial), min(w, s.spatial), generator=gen)
 
 
-def layer_sqnr(layer: ConvLayer, cfg: WinoQConfig, scales: LayerScales | None, x: torch.Tensor) -> float:
+def gaussian_layer_sqnr(
+    layer: ConvLayer, cfg: WinoQConfig, scales: LayerScales | None, x: torch.Tensor
+) -> float:
     """SQNR (dB) of the integer Winograd reference vs the FP convolution of ``layer`` on ``x``."""
-    ref = F.conv2d(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double(),
-                   padding=layer.padding)
+    ref = F.conv2d(
+        x.double(),
+        layer.weight.double(),
+        None if layer.bias is None else layer.bias.double(),
+        padding=layer.padding,
+    )
     y = winograd_conv2d_int(x, plan_layer(layer.weight, layer.bias, layer.padding, cfg, scales))
     return sqnr_db(ref, y)
 
@@ -146,6 +159,7 @@ def finetune_scales(
     opt = torch.optim.SGD([p for pair in params.values() for p in pair], lr=s.lr, momentum=s.momentum)
     t0 = time.time()
     losses: list[float] = []
+    caches: dict[str, dict[str, torch.Tensor]] = {layer.name: {} for layer in layers}
     bar = _progress(s.steps, progress)
     for step in range(s.steps):
         idx = torch.randperm(len(layers), generator=gen)[: s.layers_per_step].tolist()
@@ -157,30 +171,39 @@ def finetune_scales(
             x = _gauss_input(layer, s, gen)
             with torch.no_grad():
                 ref = F.conv2d(x, layer.weight, layer.bias, padding=layer.padding)
-            y = winograd_conv2d_fakequant(x, layer.weight, layer.bias, layer.padding, cfg, mats, lb.exp(), lg.exp())
+            y = winograd_conv2d_fakequant(
+                x, layer.weight, layer.bias, layer.padding, cfg, mats, lb.exp(), lg.exp(), caches[layer.name]
+            )
             loss = loss - sqnr_db_t(ref, y) / len(idx)
         if not torch.isfinite(loss):
             continue
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step:
-            on_step(step, float(loss))
-        bar(step, float(loss))
+            on_step(step, losses[-1])
+        bar(step, losses[-1])
     bar(s.steps, None)
-    learned = {g: LayerScales(lb.detach().exp().double(), lg.detach().exp().double()) for g, (lb, lg) in params.items()}
+    learned = {
+        g: LayerScales(lb.detach().exp().double(), lg.detach().exp().double())
+        for g, (lb, lg) in params.items()
+    }
     result = FinetuneResult(
-        shared=learned.get("shared"), per_layer={} if not s.per_layer else learned,
-        seconds=time.time() - t0, losses=losses,
+        shared=learned.get("shared"),
+        per_layer={} if not s.per_layer else learned,
+        seconds=time.time() - t0,
+        losses=losses,
     )
     held = torch.Generator().manual_seed(s.seed + 1_000_003)
     for layer in layers:
         x = _gauss_input(layer, s, held)
-        result.report.append({
-            "layer": layer.name,
-            "sqnr_before_db": layer_sqnr(layer, cfg, None, x),
-            "sqnr_after_db": layer_sqnr(layer, cfg, result.scales_for(layer.name), x),
-        })
+        result.report.append(
+            {
+                "layer": layer.name,
+                "sqnr_before_db": gaussian_layer_sqnr(layer, cfg, None, x),
+                "sqnr_after_db": gaussian_layer_sqnr(layer, cfg, result.scales_for(layer.name), x),
+            }
+        )
     return result
 
 

@@ -51,7 +51,9 @@ def data_dir(name: str) -> Path:
     raise FileNotFoundError(
         f"tvm-winoq data folder {name!r} not found (looked in: "
         + ", ".join(str(c) for c in _candidates(name))
-        + "); set WINOQ_HOME or WINOQ_" + name.upper() + "_DIR"
+        + "); set WINOQ_HOME or WINOQ_"
+        + name.upper()
+        + "_DIR"
     )
 
 

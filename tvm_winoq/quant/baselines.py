@@ -15,8 +15,10 @@ def quantize_weight_per_channel(weight: torch.Tensor, spec: QuantSpec) -> tuple[
     k = weight.shape[0]
     flat = weight.detach().to(torch.float64).reshape(1, 1, k, -1).permute(0, 1, 3, 2).reshape(1, -1, k)
     s = scale_from_absmax(group_absmax(flat, spec), spec.qmax)  # 1, 1, G
-    s_k = expand_groups(s, k).reshape(k)
-    return quantize(weight.detach().to(torch.float64), s_k[:, None, None, None], spec.qmax), s_k.to(torch.float32)
+    s_k = expand_groups(s, k, spec.granularity.group_size(k)).reshape(k)
+    return quantize(weight.detach().to(torch.float64), s_k[:, None, None, None], spec.qmax), s_k.to(
+        torch.float32
+    )
 
 
 def direct_conv2d_int8(
@@ -33,8 +35,9 @@ def direct_conv2d_int8(
     """int8 direct convolution: per-tensor activations, per-channel weights, exact int32 accumulation."""
     x_q, s_x = quantize_input(x, act_qmax)
     w_q, s_w = quantize_weight_per_channel(weight, spec_w)
-    acc = F.conv2d(x_q.to(torch.float64), w_q, None, stride=stride, padding=padding, dilation=dilation,
-                   groups=groups)  # exact integers in float64
+    acc = F.conv2d(
+        x_q.to(torch.float64), w_q, None, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )  # exact integers in float64
     y = acc.to(torch.float32) * (s_w * s_x)[None, :, None, None]
     if bias is not None:
         y = y + bias.to(torch.float32)[None, :, None, None]

@@ -46,13 +46,11 @@ def scale_from_absmax(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
-def expand_groups(s: torch.Tensor, channels: int) -> torch.Tensor:
-    """Repeat group scales ``[..., G]`` over their channels: ``[..., channels]``."""
-    ng = s.shape[-1]
-    g = -(-channels // ng) if ng > 1 else channels
-    if ng > 1 and n_groups(channels, g) != ng:
-        raise ValueError(f"cannot spread {ng} groups over {channels} channels")
-    return s.repeat_interleave(g, dim=-1)[..., :channels]
+def expand_groups(s: torch.Tensor, channels: int, group: int) -> torch.Tensor:
+    """Repeat group scales ``[..., G]`` (groups of ``group`` channels) over ``[..., channels]``."""
+    if n_groups(channels, group) != s.shape[-1]:
+        raise ValueError(f"{s.shape[-1]} scales do not cover {channels} channels in groups of {group}")
+    return s.repeat_interleave(group, dim=-1)[..., :channels]
 
 
 def quantize(t: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -62,8 +60,9 @@ def quantize(t: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def quantize_grouped(t: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``[P, R, C]`` per ``spec``; returns ``(q, group scales [P|1, R|1, G])``."""
+    c = t.shape[-1]
     s = scale_from_absmax(group_absmax(t, spec), spec.qmax)
-    return quantize(t, expand_groups(s, t.shape[-1]), spec.qmax), s
+    return quantize(t, expand_groups(s, c, spec.granularity.group_size(c)), spec.qmax), s
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -78,7 +77,8 @@ class _RoundSTE(torch.autograd.Function):
 
 def fake_quant_grouped(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Differentiable fake quantization of ``[P, R, C]`` (straight-through rounding)."""
-    s = expand_groups(scale_from_absmax(group_absmax(t, spec), spec.qmax), t.shape[-1])
+    c = t.shape[-1]
+    s = expand_groups(scale_from_absmax(group_absmax(t, spec), spec.qmax), c, spec.granularity.group_size(c))
     return torch.clamp(_RoundSTE.apply(t / s), -spec.qmax, spec.qmax) * s
 
 

@@ -35,7 +35,9 @@ class LayerScales:
 
     @staticmethod
     def from_dict(d: dict[str, list[float]]) -> LayerScales:
-        return LayerScales(torch.tensor(d["s_b"], dtype=torch.float64), torch.tensor(d["s_g"], dtype=torch.float64))
+        return LayerScales(
+            torch.tensor(d["s_b"], dtype=torch.float64), torch.tensor(d["s_g"], dtype=torch.float64)
+        )
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class WinogradLayerPlan:
 
     @property
     def positions(self) -> int:
-        return self.mats.n ** 2
+        return self.mats.n**2
 
     @property
     def gemm_group(self) -> int:

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from ..winograd.tiling import TileGeometry, assemble_tiles, extract_tiles, geometry
-from .ops import expand_groups, int_dtype, fma_f32, group_absmax, quantize, quantize_grouped, scale_from_absmax
+from .ops import (
+    expand_groups,
+    fma_f32,
+    group_absmax,
+    int_dtype,
+    quantize,
+    quantize_grouped,
+    scale_from_absmax,
+)
 from .plan import WinogradLayerPlan
 
 
@@ -59,25 +67,27 @@ def winograd_gemm_int(v_q: torch.Tensor, u_q: torch.Tensor, group: int) -> torch
     k = u_q.shape[1]
     ng = -(-c // group)
     pad = ng * group - c
-    v = torch.nn.functional.pad(v_q.to(torch.float64), (0, pad)).reshape(p, t, ng, group)
-    u = torch.nn.functional.pad(u_q.to(torch.float64), (0, pad)).reshape(p, k, ng, group)
-    acc = torch.einsum("ptgc,pkgc->ptkg", v, u)  # exact in float64 (|acc| < 2^53)
+    qv = int(v_q.abs().max()) if v_q.numel() else 0
+    qu = int(u_q.abs().max()) if u_q.numel() else 0
+    # float32 sums of integers are exact below 2^24, float64 below 2^53: pick the cheaper exact one
+    dt = torch.float32 if group * qv * qu < 2**24 else torch.float64
+    v = torch.nn.functional.pad(v_q.to(dt), (0, pad)).reshape(p, t, ng, group).permute(0, 2, 1, 3)
+    u = torch.nn.functional.pad(u_q.to(dt), (0, pad)).reshape(p, k, ng, group).permute(0, 2, 3, 1)
+    acc = torch.matmul(v, u).permute(0, 2, 3, 1)  # P, T, K, G (exact: see dtype choice)
     fits = acc.abs().max().item() < 2**31 if acc.numel() else True
     return acc.to(torch.int32 if fits else torch.int64)
 
 
-def _group_of(scale: torch.Tensor, gemm_group: int, channels: int) -> torch.Tensor:
+def _group_of(scale: torch.Tensor, group: int, gemm_group: int, channels: int) -> torch.Tensor:
     """Pick, for each GEMM group, the scale of the (coarser or equal) quantization group holding it."""
-    per_channel = expand_groups(scale, channels)
-    return per_channel[..., ::gemm_group]
+    return expand_groups(scale, channels, group)[..., ::gemm_group]
 
 
-def dequantize_gemm(
-    acc: torch.Tensor, s_v: torch.Tensor, s_u: torch.Tensor, gemm_group: int, channels: int
-) -> torch.Tensor:
+def dequantize_gemm(acc: torch.Tensor, s_v: torch.Tensor, plan: WinogradLayerPlan) -> torch.Tensor:
     """``M[p,t,k] = fma-chain over groups g of acc[p,t,k,g] * (s_v[p,t,g] * s_u[p,k,g])`` in float32."""
-    sv = _group_of(s_v, gemm_group, channels)[:, :, None, :]  # P|1, T|1, 1, Gg
-    su = _group_of(s_u, gemm_group, channels)[:, None, :, :]  # P|1, 1, K|1, Gg
+    c, gg = plan.in_channels, plan.gemm_group
+    sv = _group_of(s_v, plan.v.granularity.group_size(c), gg, c)[:, :, None, :]  # P|1, T|1, 1, Gg
+    su = _group_of(plan.s_u, plan.u.granularity.group_size(c), gg, c)[:, None, :, :]  # P|1, 1, K|1, Gg
     w = sv * su  # float32 multiply, one rounding
     shape = torch.broadcast_shapes(acc.shape[:3], w.shape[:3])
     m = torch.zeros(shape, dtype=torch.float32)
@@ -102,10 +112,11 @@ def winograd_conv2d_int(
     v_s = v_int.to(torch.float32) * plan.beta.reshape(-1, 1, 1)
     v_q, s_v = quantize_grouped(v_s, plan.v)
     acc = winograd_gemm_int(v_q, plan.u_q, plan.gemm_group)
-    m_f = dequantize_gemm(acc, s_v, plan.s_u, plan.gemm_group, plan.in_channels)
+    m_f = dequantize_gemm(acc, s_v, plan)
     s_m = scale_from_absmax(group_absmax(m_f, plan.m_spec), plan.m_spec.qmax)
-    m_q = quantize(m_f, expand_groups(s_m, plan.out_channels), plan.m_spec.qmax)
-    y = output_transform(m_q * expand_groups(s_m, plan.out_channels), plan, geo, x.shape[0]) * s_x
+    s_m_k = expand_groups(s_m, plan.out_channels, plan.m_spec.granularity.group_size(plan.out_channels))
+    m_q = quantize(m_f, s_m_k, plan.m_spec.qmax)
+    y = output_transform(m_q * s_m_k, plan, geo, x.shape[0]) * s_x
     if plan.bias is not None:
         y = y + plan.bias[None, :, None, None]
     if not return_trace:

@@ -38,15 +38,29 @@ DEFAULT_POINTS: dict[int, tuple[Fraction, ...]] = {
     6: (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2)),
     7: (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2)),
 }
-"""Default finite points, keyed by their count ``n - 1`` (F(2,3): 3, F(4,3): 5, F(6,3): 7) (the point at infinity is always appended)."""
+"""Default finite points keyed by their count ``n - 1`` (F(2,3): 3, F(4,3): 5, F(6,3): 7); infinity is implicit."""
 
 ALTERNATIVE_POINTS: dict[str, tuple[Fraction, ...]] = {
     # Better-conditioned rational points for F(6,3) (Barabasz et al. style): +-3/2 instead of +-1/2
     # spreads the Vandermonde nodes and reduces the dynamic range of A^T.
-    "f6_pm3/2": (Fraction(0), Fraction(1), Fraction(-1), Fraction(1, 2), Fraction(-1, 2), Fraction(3, 2),
-                 Fraction(-3, 2)),
-    "f6_pm1/4": (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 4),
-                 Fraction(-1, 4)),
+    "f6_pm3/2": (
+        Fraction(0),
+        Fraction(1),
+        Fraction(-1),
+        Fraction(1, 2),
+        Fraction(-1, 2),
+        Fraction(3, 2),
+        Fraction(-3, 2),
+    ),
+    "f6_pm1/4": (
+        Fraction(0),
+        Fraction(1),
+        Fraction(-1),
+        Fraction(2),
+        Fraction(-2),
+        Fraction(1, 4),
+        Fraction(-1, 4),
+    ),
 }
 
 

@@ -19,7 +19,7 @@ from .tiling import assemble_tiles, extract_tiles, geometry
 
 @dataclass(frozen=True)
 class ScaledTransforms:
-    """``A_s^T`` (m x n), ``G_s`` (n x r), ``B_s^T`` (n x n) as torch tensors (differentiable in the scales)."""
+    """``A_s^T`` (m x n), ``G_s`` (n x r), ``B_s^T`` (n x n) as torch tensors (differentiable)."""
 
     AT: torch.Tensor  # noqa: N815
     G: torch.Tensor  # noqa: N815
@@ -62,6 +62,8 @@ def winograd_conv2d_float(
     return out
 
 
-def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
+def conv2d_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding
+) -> torch.Tensor:
     """Direct convolution in the dtype of ``x`` (the FP ground truth)."""
     return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)

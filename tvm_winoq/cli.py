@@ -1,0 +1,103 @@
+"""``winoq`` command line: parses arguments and calls plain functions (no logic here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import WinoqError
+
+
+def _cmd_table(a: argparse.Namespace) -> None:
+    from .fidelity import fidelity_table, format_markdown
+    from .finetune import FinetuneSettings
+
+    res = fidelity_table(
+        a.model,
+        tiles=a.tiles,
+        groups=a.groups,
+        images=a.images,
+        size=a.size,
+        settings=FinetuneSettings(steps=a.steps, seed=a.seed),
+        whole_model=not a.no_model,
+    )
+    text = format_markdown(res, per_layer=not a.summary)
+    print(text)
+    if a.out:
+        from .io import write_outputs
+
+        write_outputs(Path(a.out), {"table.md": text + "\n", "table.json": json.dumps(res, indent=1)})
+
+
+def _cmd_finetune(a: argparse.Namespace) -> None:
+    from .finetune import FinetuneSettings
+    from .jobs import finetune_model
+
+    print(
+        finetune_model(
+            a.model,
+            tile=a.tile,
+            group=a.group,
+            settings=FinetuneSettings(steps=a.steps, seed=a.seed, per_layer=a.per_layer, lr=a.lr),
+        )
+    )
+
+
+def _cmd_layers(a: argparse.Namespace) -> None:
+    from .jobs import describe_layers
+
+    print(describe_layers(a.model))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``winoq`` argument parser."""
+    p = argparse.ArgumentParser(prog="winoq", description="Data-free group-wise int8 Winograd for TVM")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("table", help="per-layer / whole-model SQNR of every method on real inputs")
+    t.add_argument("model", help="registered model name (craft, resnet18, fmnist_resnet, ...)")
+    t.add_argument("--tiles", type=int, nargs="+", default=[4, 6])
+    t.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
+    t.add_argument("--images", type=int, default=5)
+    t.add_argument("--size", type=int, default=256)
+    t.add_argument("--steps", type=int, default=300, help="finetuning steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-model", action="store_true", help="skip the whole-model column")
+    t.add_argument("--summary", action="store_true", help="omit the per-layer table")
+    t.add_argument("-o", "--out", help="also write table.md and table.json to this folder")
+    t.set_defaults(func=_cmd_table)
+
+    f = sub.add_parser("finetune", help="learn the Winograd scales of a model without data")
+    f.add_argument("model")
+    f.add_argument("--tile", type=int, default=6)
+    f.add_argument("--group", type=int, default=32)
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--lr", type=float, default=0.05)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--per-layer", action="store_true")
+    f.set_defaults(func=_cmd_finetune)
+
+    ls = sub.add_parser("layers", help="list the convolutions of a model and which are eligible")
+    ls.add_argument("model")
+    ls.set_defaults(func=_cmd_layers)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``winoq`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except WinoqError as exc:
+        print(f"winoq: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("winoq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

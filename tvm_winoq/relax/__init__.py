@@ -1,0 +1,1 @@
+"""TVM Relax compiler flow of tvm-winoq (placeholder; filled below)."""

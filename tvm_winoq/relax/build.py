@@ -1,0 +1,269 @@
+"""End-to-end compiler flow: PyTorch model -> Relax -> Winograd rewrite -> schedules -> VM executable.
+
+::
+
+    cm = compile_model(model, x, groupwise(tile=4), target=host_target())
+    cm.export("model.so")            # + model.json (input shape, rewrite records)
+    runner = load("model.so")        # in any process
+    y = runner(x.numpy())
+
+``python -m tvm_winoq.relax.build run model.so in.npy out.npy`` runs an exported model in a fresh
+process (used by the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+from ..config import WinoQConfig
+from ..errors import ModelError
+from ..quant.plan import LayerScales, WinogradLayerPlan
+from .importer import bind_params, import_model
+from .kernels import KernelSpec, gemm_func, input_func, layer_constants, output_func
+from .rewrite import RewriteRecord, WinogradRewrite
+
+__all__ = ["CompiledModel", "LayerExecutable", "LoadedModel", "compile_layer", "compile_model", "host_target",
+           "load", "lower"]
+
+
+def host_target(num_cores: int | None = None) -> tvm.target.Target:
+    """The LLVM target of this machine (``mcpu`` from LLVM's host detection, all cores by default)."""
+    import os
+
+    cfg: dict[str, object] = {"kind": "llvm", "num-cores": num_cores or os.cpu_count() or 1}
+    cpu = tvm.target.codegen.llvm_get_system_cpu() if hasattr(tvm.target, "codegen") else None
+    if cpu and cpu != "generic":
+        cfg["mcpu"] = cpu
+    return tvm.target.Target(cfg)
+
+
+def _as_target(target: tvm.target.Target | str | dict | None) -> tvm.target.Target:
+    if target is None:
+        return host_target()
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -> tvm.IRModule:
+    """Legalize and fuse the Relax ops, and schedule every PrimFunc for ``target``.
+
+    Our Winograd kernels get the hand-written schedules of :mod:`.schedule_cpu` (LLVM targets); the
+    legalized remaining operators get dlight's CPU rules where they apply, and a generic
+    parallel/vectorize schedule otherwise.  With ``schedule=False`` everything stays naive TIR.
+    """
+    with target:
+        if schedule and target.kind.name == "llvm":
+            from .schedule_cpu import schedule_winoq_kernels
+
+            mod = schedule_winoq_kernels(mod, target)
+        mod = tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ])(mod)
+        if schedule and target.kind.name == "llvm":
+            from .schedule_cpu import schedule_other_ops
+
+            mod = schedule_other_ops(mod, target)
+    return mod
+
+
+@dataclass
+class CompiledModel:
+    """A built model: the VM executable plus what the rewrite did."""
+
+    executable: tvm.runtime.Executable
+    input_shape: tuple[int, ...]
+    records: list[RewriteRecord]
+    target: str
+
+    def export(self, path: str | Path) -> Path:
+        """Write ``path`` (shared library) and ``path.with_suffix('.json')`` (metadata)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(path))
+        meta = {"input_shape": list(self.input_shape), "target": self.target,
+                "records": [asdict(r) for r in self.records]}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        return path
+
+    def runner(self, device: tvm.runtime.Device | None = None) -> LoadedModel:
+        """Run in this process (no export)."""
+        return LoadedModel(relax.VirtualMachine(self.executable, device or tvm.cpu()), self.input_shape)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded Relax VM: call it with a float32 NCHW array."""
+
+    vm: relax.VirtualMachine
+    input_shape: tuple[int, ...]
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if tuple(arr.shape) != tuple(self.input_shape):
+            raise ModelError(f"input shape {arr.shape} != compiled shape {tuple(self.input_shape)}")
+        out = self.vm["main"](tvm.runtime.tensor(arr))
+        return out.numpy() if hasattr(out, "numpy") else np.asarray(out[0].numpy())
+
+    def time(self, x: np.ndarray, repeat: int = 10) -> float:
+        """Median seconds per call of ``main`` (VM ``time_evaluator``)."""
+        self.vm.set_input("main", tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32)))
+        te = self.vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat)
+        return float(np.median(te("main").results))
+
+
+def compile_model(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    cfg: WinoQConfig,
+    *,
+    target: tvm.target.Target | str | dict | None = None,
+    scales: LayerScales | Mapping[str, LayerScales] | None = None,
+    keep_params_as_input: bool = False,
+    winograd: bool = True,
+    schedule: bool = True,
+) -> CompiledModel:
+    """Import ``model``, rewrite its eligible convs to quantized Winograd and build for ``target``.
+
+    Parameters
+    ----------
+    model, example_input
+        Float model and one float32 NCHW input (static shape).
+    cfg : WinoQConfig
+        Winograd tile, quantization and per-layer choices.
+    target : Target, str or dict, optional
+        Build target (default :func:`host_target`).
+    scales : LayerScales or mapping, optional
+        Learned scales (shared or per layer name).
+    keep_params_as_input : bool
+        Import with the weights as parameters; they are bound again before the rewrite (the
+        Winograd weight transform is offline), so the executable needs no parameters.
+    winograd : bool
+        ``False`` builds the plain float model (the baseline).
+    schedule : bool
+        Apply the CPU schedules (``False``: naive TIR).
+
+    Returns
+    -------
+    CompiledModel
+    """
+    tgt = _as_target(target)
+    imp = import_model(model, example_input, keep_params_as_input=keep_params_as_input)
+    mod = relax.transform.FoldConstant()(bind_params(imp.mod, imp.params))
+    records: list[RewriteRecord] = []
+    if winograd:
+        rw = WinogradRewrite(cfg, scales, imp.layer_names)
+        mod = rw(mod)
+        records = list(rw.records)
+    mod = lower(mod, tgt, schedule=schedule)
+    try:
+        ex = tvm.compile(mod, target=tgt)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{type(model).__name__}: TVM build failed: {e}") from e
+    return CompiledModel(ex, imp.input_shape, records, str(tgt))
+
+
+@dataclass
+class LayerExecutable:
+    """The three kernels of one Winograd layer, built standalone (tests and benchmarks)."""
+
+    spec: KernelSpec
+    module: tvm.runtime.Module
+    consts: dict[str, np.ndarray]
+    debug: bool
+
+    def _buffers(self, x: np.ndarray) -> dict[str, tvm.runtime.Tensor]:
+        s = self.spec
+        p, t, c, k = s.positions, s.tiles, s.in_channels, s.out_channels
+        shapes = {"v_q": ((p, t, c), s.v.dtype), "s_v": (s.sv_shape, "float32"), "s_x": ((1,), "float32"),
+                  "m_f": ((p, t, k), "float32"), "y": (s.out_shape, "float32")}
+        if self.debug:
+            shapes |= {"acc": ((p, t, k, s.gemm_groups), "int32"), "m_q": ((p, t, k), s.m_quant.dtype),
+                       "s_m": (s.sm_shape, "float32")}
+        bufs = {n: tvm.runtime.tensor(np.zeros(sh, dt)) for n, (sh, dt) in shapes.items()}
+        bufs["x"] = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32))
+        bufs |= {n: tvm.runtime.tensor(v) for n, v in self.consts.items()}
+        return bufs
+
+    def _args(self, b: dict[str, tvm.runtime.Tensor]) -> list[tuple[str, list[tvm.runtime.Tensor]]]:
+        gemm = ["v_q", "s_v", "u_q", "s_u"] + (["acc"] if self.debug else []) + ["m_f"]
+        out = ["m_f", "s_x", "bias"] + (["m_q", "s_m"] if self.debug else []) + ["y"]
+        return [("winoq_input", [b[n] for n in ("x", "v_q", "s_v", "s_x")]),
+                ("winoq_gemm", [b[n] for n in gemm]), ("winoq_output", [b[n] for n in out])]
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """Run on ``x``; returns every produced tensor by name (``y``, ``v_q``, ``m_f``, ...)."""
+        arr = x.numpy() if isinstance(x, torch.Tensor) else x
+        b = self._buffers(arr)
+        for name, args in self._args(b):
+            self.module[name](*args)
+        return {n: v.numpy() for n, v in b.items() if n not in ("x", *self.consts)}
+
+    def time(self, x: np.ndarray, number: int = 5, repeat: int = 5) -> dict[str, float]:
+        """Median seconds per kernel (``time_evaluator``)."""
+        b = self._buffers(x)
+        out = {}
+        for name, args in self._args(b):
+            self.module[name](*args)
+            te = self.module.time_evaluator(name, tvm.cpu(), number=number, repeat=repeat)
+            out[name] = float(np.median(te(*args).results))
+        return out
+
+
+def compile_layer(
+    plan: WinogradLayerPlan,
+    x_shape: tuple[int, ...],
+    target: tvm.target.Target | str | dict | None = None,
+    *,
+    debug: bool = False,
+    schedule: bool = True,
+) -> LayerExecutable:
+    """Build the kernels of one layer (``debug`` adds the integer intermediates as outputs)."""
+    tgt = _as_target(target)
+    spec = KernelSpec.from_plan(plan, x_shape)
+    funcs = {"winoq_input": input_func(spec, debug), "winoq_gemm": gemm_func(spec, debug),
+             "winoq_output": output_func(spec, debug)}
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n).with_attr("winoq.kernel", n[6:])
+                        for n, f in funcs.items()})
+    if schedule and tgt.kind.name == "llvm":
+        from .schedule_cpu import schedule_winoq_kernels
+
+        mod = schedule_winoq_kernels(mod, tgt)
+    lib = tvm.compile(mod, target=tgt).jit()
+    return LayerExecutable(spec, lib, layer_constants(plan), debug)
+
+
+def load(path: str | Path, device: tvm.runtime.Device | None = None) -> LoadedModel:
+    """Load an exported model (``.so`` + ``.json``) into a Relax VM."""
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    lib = tvm.runtime.load_module(str(path))
+    return LoadedModel(relax.VirtualMachine(lib, device or tvm.cpu()), tuple(meta["input_shape"]))
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 4 or argv[0] != "run":
+        print("usage: python -m tvm_winoq.relax.build run MODEL.so IN.npy OUT.npy", file=sys.stderr)
+        return 2
+    runner = load(argv[1])
+    np.save(argv[3], runner(np.load(argv[2])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,424 @@
+"""TIR kernels of one fully quantized group-wise Winograd convolution, specialized on static shapes.
+
+One layer runs as three PrimFuncs (all integer stages reproduce :func:`~tvm_winoq.quant.reference.
+winograd_conv2d_int` bit for bit):
+
+``input``   ``x`` [N,C,H,W] f32 -> ``v_q`` [P,T,C] int8, ``s_v`` [P|1,T|1,Gv] f32, ``s_x`` [1] f32
+            (per-tensor input absmax, quantize, zero pad, integer input transform ``BT_int d BT_int^T``,
+            ``* beta``, group-wise quantization of V)
+``gemm``    ``v_q``, ``s_v``, ``u_q`` [P,Cp,K] int8, ``s_u`` [P,Gg,K] f32 -> ``m_f`` [P,T,K] f32
+            (group-wise int8 x int8 -> int32 GEMM per Winograd position, fma-chain dequantization)
+``output``  ``m_f``, ``s_x``, ``bias`` [K] f32 -> ``y`` [N,K,OH,OW] f32
+            (group-wise quantization of M, output transform ``AT_s M AT_s^T``, ``* s_x + bias``)
+
+With ``debug=True`` the integer intermediates are extra outputs: the gemm also returns ``acc``
+[P,T,K,Gg] int32 (before ``m_f``) and the output kernel returns ``m_q`` [P,T,K] and ``s_m`` (before ``y``).
+The transform matrices are baked into the kernels as immediates (``Select`` over the row index, which
+folds away once a schedule unrolls the row loops); ``u_q``/``s_u``/``bias`` are runtime arguments
+(compile-time constants of the Relax program), laid out by :func:`layer_constants`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tvm import tirx
+from tvm.script import tirx as T
+
+from ..config import QuantSpec
+from ..quant.ops import n_groups
+from ..quant.plan import WinogradLayerPlan
+from ..winograd.tiling import TileGeometry, geometry
+
+__all__ = ["GroupQuant", "KernelSpec", "gemm_func", "input_func", "layer_constants", "output_func"]
+
+
+@dataclass(frozen=True)
+class GroupQuant:
+    """Resolved quantization grouping of one ``[P, R, C]`` tensor (``group`` channels per scale)."""
+
+    group: int
+    per_position: bool
+    per_row: bool
+    qmax: int
+    dtype: str
+
+    @staticmethod
+    def of(spec: QuantSpec, channels: int) -> GroupQuant:
+        """Resolve ``spec`` for a channel axis of length ``channels``."""
+        return GroupQuant(
+            group=spec.granularity.group_size(channels),
+            per_position=spec.per_position,
+            per_row=spec.per_row,
+            qmax=spec.qmax,
+            dtype="int8" if spec.bits <= 8 else "int16",
+        )
+
+    def scale_shape(self, positions: int, rows: int, channels: int) -> tuple[int, int, int]:
+        """Shape ``[P|1, R|1, G]`` of the scales."""
+        return (positions if self.per_position else 1, rows if self.per_row else 1, n_groups(channels, self.group))
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Static description of one Winograd layer instance (shapes, transforms, quantization)."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    pad_h: int
+    pad_w: int
+    m: int
+    bt_int: tuple[tuple[int, ...], ...]
+    beta: tuple[float, ...]
+    at_s: tuple[tuple[float, ...], ...]
+    act_qmax: int
+    v: GroupQuant
+    m_quant: GroupQuant
+    gemm_group: int
+
+    @staticmethod
+    def from_plan(plan: WinogradLayerPlan, x_shape: Sequence[int]) -> KernelSpec:
+        """The spec of ``plan`` applied to an NCHW input of ``x_shape``."""
+        n_, c, h, w = (int(d) for d in x_shape)
+        if c != plan.in_channels:
+            raise ValueError(f"input has {c} channels, plan expects {plan.in_channels}")
+        if plan.act.bits > 8 or plan.v.bits > 8 or plan.u.bits > 8 or plan.m_spec.bits > 8:
+            raise ValueError("the TIR kernels support up to 8-bit quantization")
+        return KernelSpec(
+            batch=n_, in_channels=c, height=h, width=w, out_channels=plan.out_channels,
+            pad_h=plan.padding[0], pad_w=plan.padding[1], m=plan.m,
+            bt_int=tuple(tuple(int(v) for v in row) for row in plan.bt_int.tolist()),
+            beta=tuple(float(v) for v in plan.beta.to(torch.float32).reshape(-1).tolist()),
+            at_s=tuple(tuple(float(v) for v in row) for row in plan.at_s.to(torch.float32).tolist()),
+            act_qmax=plan.act.qmax,
+            v=GroupQuant.of(plan.v, c),
+            m_quant=GroupQuant.of(plan.m_spec, plan.out_channels),
+            gemm_group=plan.gemm_group,
+        )
+
+    @property
+    def n(self) -> int:
+        return self.m + 2
+
+    @property
+    def positions(self) -> int:
+        return self.n * self.n
+
+    @property
+    def geo(self) -> TileGeometry:
+        return geometry((self.batch, self.in_channels, self.height, self.width), self.m, 3,
+                        (self.pad_h, self.pad_w))
+
+    @property
+    def tiles(self) -> int:
+        return self.batch * self.geo.tiles
+
+    @property
+    def gemm_groups(self) -> int:
+        return n_groups(self.in_channels, self.gemm_group)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        g = self.geo
+        return (self.batch, self.out_channels, g.out_h, g.out_w)
+
+    @property
+    def sv_shape(self) -> tuple[int, int, int]:
+        return self.v.scale_shape(self.positions, self.tiles, self.in_channels)
+
+    @property
+    def sm_shape(self) -> tuple[int, int, int]:
+        return self.m_quant.scale_shape(self.positions, self.tiles, self.out_channels)
+
+    def key(self) -> str:
+        """Short readable name fragment (``f4_c64_k64_56x56``)."""
+        return f"f{self.m}_c{self.in_channels}_k{self.out_channels}_{self.height}x{self.width}"
+
+
+def layer_constants(plan: WinogradLayerPlan) -> dict[str, np.ndarray]:
+    """Weights of ``plan`` in the kernels' layout.
+
+    Returns
+    -------
+    dict
+        ``u_q`` [P, Cp, K] int8 (channel-major so the GEMM vectorizes over K; ``Cp`` = C rounded up to
+        whole GEMM groups, zero rows), ``s_u`` [P, Gg, K]
+        float32 (the U scale of each GEMM group, broadcast over P and K where ``plan.u`` shares it)
+        and ``bias`` [K] float32 (zeros without bias).
+    """
+    p, k, c = plan.positions, plan.out_channels, plan.in_channels
+    cp = plan.gemm_groups * plan.gemm_group
+    u_q = torch.nn.functional.pad(plan.u_q.to(torch.int8), (0, cp - c)).permute(0, 2, 1).contiguous().numpy()
+    gs_u = plan.u.granularity.group_size(c)
+    su = plan.s_u.to(torch.float32)
+    pick = [(g * plan.gemm_group) // gs_u for g in range(plan.gemm_groups)]
+    su = su[:, :, pick].expand(p, k, len(pick))  # P, K, Gg
+    bias = plan.bias if plan.bias is not None else torch.zeros(k)
+    return {
+        "u_q": u_q,
+        "s_u": su.permute(0, 2, 1).contiguous().numpy(),
+        "bias": bias.to(torch.float32).contiguous().numpy(),
+    }
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _lincomb(coeffs: Sequence[float], terms: Sequence[tirx.PrimExpr], dtype: str) -> tirx.PrimExpr:
+    """``sum_i coeffs[i] * terms[i]`` with zero coefficients dropped and +-1 as add/sub."""
+    out: tirx.PrimExpr | None = None
+    for c, t in zip(coeffs, terms, strict=True):
+        if c == 0:
+            continue
+        if out is None:
+            out = t if c == 1 else (tirx.const(c, dtype) * t)
+        elif c == 1:
+            out = out + t
+        elif c == -1:
+            out = out - t
+        else:
+            out = out + tirx.const(c, dtype) * t
+    return out if out is not None else tirx.const(0, dtype)
+
+
+def _select(index: tirx.PrimExpr, values: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """``values[index]`` for a loop variable ``index`` (a ``Select`` chain that folds when unrolled)."""
+    out = values[-1]
+    for r in range(len(values) - 2, -1, -1):
+        out = tirx.Select(index == r, values[r], out)
+    return out
+
+
+def _clamp_index(index: tirx.PrimExpr, size: int, padded: int) -> tirx.PrimExpr:
+    """``min(index, size - 1)`` when a partial last group pads the axis to ``padded`` (else ``index``).
+
+    Re-reading the last channel is harmless for a max, and multiplies zero-padded ``U`` rows in the GEMM;
+    it keeps the loop nests predicate-free (affine), which the schedules need.
+    """
+    return index if padded == size else tirx.min(index, size - 1)
+
+
+def _scale(amax: tirx.PrimExpr, qmax: int) -> tirx.PrimExpr:
+    """``absmax / qmax`` with 1 where that is 0 (:func:`~tvm_winoq.quant.ops.scale_from_absmax`)."""
+    s = amax / tirx.const(float(qmax), "float32")
+    return tirx.Select(s == tirx.const(0.0, "float32"), tirx.const(1.0, "float32"), s)
+
+
+def _quant(value: tirx.PrimExpr, scale: tirx.PrimExpr, qmax: int, dtype: str) -> tirx.PrimExpr:
+    """``clamp(nearbyint(value / scale), -qmax, qmax)`` cast to ``dtype``."""
+    q = tirx.const(float(qmax), "float32")
+    r = tirx.call_intrin("float32", "tirx.nearbyint", value / scale)
+    return tirx.Cast(dtype, tirx.max(tirx.min(r, q), -q))
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
+    """Kernel ``input``: ``(x, v_q, s_v, s_x)`` (last three written). ``debug`` is accepted for symmetry."""
+    del debug
+    geo, n, m = spec.geo, spec.n, spec.m
+    nb, c, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    th, tw, hp, wp = geo.tiles_h, geo.tiles_w, geo.padded_h, geo.padded_w
+    ph, pw = spec.pad_h, spec.pad_w
+    p, t = spec.positions, spec.tiles
+    vq_dt, qa, qv = spec.v.dtype, spec.act_qmax, spec.v.qmax
+    pv, tv, gv = spec.sv_shape
+    rp, rt, gs = p // pv, t // tv, spec.v.group
+    on_p, on_t = int(spec.v.per_position), int(spec.v.per_row)
+    bt, beta = spec.bt_int, spec.beta
+
+    def rows(i: tirx.PrimExpr, xp: tirx.Buffer, b: tirx.PrimExpr, h0: tirx.PrimExpr,
+             w0: tirx.PrimExpr, ch: tirx.PrimExpr) -> tirx.PrimExpr:
+        loads = [xp[b, h0 + a, w0, ch] for a in range(n)]
+        return _select(i, [_lincomb(bt[r], loads, "int32") for r in range(n)])
+
+    def cols(j: tirx.PrimExpr, tmp: tirx.Buffer, b: tirx.PrimExpr, y: tirx.PrimExpr, x: tirx.PrimExpr,
+             i: tirx.PrimExpr, ch: tirx.PrimExpr) -> tirx.PrimExpr:
+        loads = [tmp[b, y, x, i, a, ch] for a in range(n)]
+        return _select(j, [_lincomb(bt[r], loads, "int32") for r in range(n)])
+
+    def beta_of(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+        return _select(i, [_select(j, [tirx.const(beta[r * n + s], "float32") for s in range(n)])
+                           for r in range(n)])
+
+    @T.prim_func(s_tir=True, private=True)
+    def winoq_input(x: T.Buffer((nb, c, h, w), "float32"), vq: T.Buffer((p, t, c), vq_dt),
+                    sv: T.Buffer((pv, tv, gv), "float32"), sx: T.Buffer((1,), "float32")):
+        T.func_attr({"tir.noalias": True})
+        xmax = T.alloc_buffer((1,), "float32")
+        xp = T.alloc_buffer((nb, hp, wp, c), "int32")
+        tmp = T.alloc_buffer((nb, th, tw, n, n, c), "int32")
+        vs = T.alloc_buffer((p, t, c), "float32")
+        vmax = T.alloc_buffer((pv, tv, gv), "float32")
+        for i0, i1, i2, i3 in T.grid(nb, c, h, w):
+            with T.sblock("x_absmax"):
+                v0, v1, v2, v3 = T.axis.remap("RRRR", [i0, i1, i2, i3])
+                with T.init():
+                    xmax[0] = T.min_value("float32")  # the max reducer's identity (rfactor)
+                xmax[0] = T.max(xmax[0], T.fabs(x[v0, v1, v2, v3]))
+        for i0 in range(1):
+            with T.sblock("x_scale"):
+                v0 = T.axis.remap("S", [i0])
+                sx[v0] = _scale(xmax[v0], qa)
+        for i0, i1, i2, i3 in T.grid(nb, hp, wp, c):
+            with T.sblock("x_quant"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                xp[v0, v1, v2, v3] = T.if_then_else(
+                    ph <= v1 and v1 < ph + h and pw <= v2 and v2 < pw + w,
+                    _quant(x[v0, v3, v1 - ph, v2 - pw], sx[0], qa, "int32"), 0)
+        for i0, i1, i2, i3, i4, i5 in T.grid(nb, th, tw, n, n, c):
+            with T.sblock("tf_rows"):
+                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSSSS", [i0, i1, i2, i3, i4, i5])
+                tmp[v0, v1, v2, v3, v4, v5] = rows(v3, xp, v0, v1 * m, v2 * m + v4, v5)
+        for i0, i1, i2, i3, i4, i5 in T.grid(nb, th, tw, n, n, c):
+            with T.sblock("tf_cols"):
+                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSSSS", [i0, i1, i2, i3, i4, i5])
+                vs[v3 * n + v4, (v0 * th + v1) * tw + v2, v5] = (
+                    T.Cast("float32", cols(v4, tmp, v0, v1, v2, v3, v5)) * beta_of(v3, v4))
+        for i0, i1, i2, i3, i4, i5 in T.grid(pv, tv, gv, rp, rt, gs):
+            with T.sblock("v_absmax"):
+                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSRRR", [i0, i1, i2, i3, i4, i5])
+                with T.init():
+                    vmax[v0, v1, v2] = T.float32(0)
+                vmax[v0, v1, v2] = T.max(vmax[v0, v1, v2],
+                                         T.fabs(vs[v0 + v3, v1 + v4, _clamp_index(v2 * gs + v5, c, gv * gs)]))
+        for i0, i1, i2 in T.grid(pv, tv, gv):
+            with T.sblock("v_scale"):
+                v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                sv[v0, v1, v2] = _scale(vmax[v0, v1, v2], qv)
+        for i0, i1, i2 in T.grid(p, t, c):
+            with T.sblock("v_quant"):
+                v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                vq[v0, v1, v2] = _quant(vs[v0, v1, v2], sv[v0 * on_p, v1 * on_t, v2 // gs], qv, vq_dt)
+
+    return winoq_input
+
+
+def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
+    """Kernel ``gemm``: ``(v_q, s_v, u_q, s_u, m_f)``; with ``debug`` ``(v_q, s_v, u_q, s_u, acc, m_f)``."""
+    p, t, c, k = spec.positions, spec.tiles, spec.in_channels, spec.out_channels
+    gg, ng = spec.gemm_group, spec.gemm_groups
+    cp = gg * ng
+    pv, tv, gv = spec.sv_shape
+    on_p, on_t, gsv = int(spec.v.per_position), int(spec.v.per_row), spec.v.group
+    vq_dt = spec.v.dtype
+
+    @T.macro
+    def body(vq, sv, uq, su, acc, mf):
+        for i0, i1, i2, i3, i4 in T.grid(p, t, k, ng, gg):
+            with T.sblock("gemm_acc"):
+                v0, v1, v2, v3, v4 = T.axis.remap("SSSSR", [i0, i1, i2, i3, i4])
+                with T.init():
+                    acc[v0, v1, v2, v3] = 0
+                acc[v0, v1, v2, v3] = acc[v0, v1, v2, v3] + (
+                    T.Cast("int32", vq[v0, v1, _clamp_index(v3 * gg + v4, c, cp)])
+                    * T.Cast("int32", uq[v0, v3 * gg + v4, v2]))
+        for i0, i1, i2, i3 in T.grid(p, t, k, ng):
+            with T.sblock("gemm_dequant"):
+                v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])
+                with T.init():
+                    mf[v0, v1, v2] = T.float32(0)
+                mf[v0, v1, v2] = T.fma(
+                    T.Cast("float32", acc[v0, v1, v2, v3]),
+                    sv[v0 * on_p, v1 * on_t, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
+
+    if debug:
+        @T.prim_func(s_tir=True, private=True)
+        def winoq_gemm_debug(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((pv, tv, gv), "float32"),
+                             uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
+                             acc: T.Buffer((p, t, k, ng), "int32"), mf: T.Buffer((p, t, k), "float32")):
+            T.func_attr({"tir.noalias": True})
+            body(vq, sv, uq, su, acc, mf)
+
+        return winoq_gemm_debug
+
+    @T.prim_func(s_tir=True, private=True)
+    def winoq_gemm(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((pv, tv, gv), "float32"),
+                   uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
+                   mf: T.Buffer((p, t, k), "float32")):
+        T.func_attr({"tir.noalias": True})
+        acc = T.alloc_buffer((p, t, k, ng), "int32")
+        body(vq, sv, uq, su, acc, mf)
+
+    return winoq_gemm
+
+
+def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
+    """Kernel ``output``: ``(m_f, s_x, bias, y)``; with ``debug`` ``(m_f, s_x, bias, m_q, s_m, y)``."""
+    geo, n, m = spec.geo, spec.n, spec.m
+    p, t, k = spec.positions, spec.tiles, spec.out_channels
+    nb, oh, ow, th, tw = spec.batch, geo.out_h, geo.out_w, geo.tiles_h, geo.tiles_w
+    pm, tm, gm = spec.sm_shape
+    rp, rt, gs = p // pm, t // tm, spec.m_quant.group
+    on_p, on_t, qm, mq_dt = int(spec.m_quant.per_position), int(spec.m_quant.per_row), spec.m_quant.qmax, \
+        spec.m_quant.dtype
+    at = spec.at_s
+
+    def rows(a: tirx.PrimExpr, mq: tirx.Buffer, sm: tirx.Buffer, j: tirx.PrimExpr, tt: tirx.PrimExpr,
+             kk: tirx.PrimExpr) -> tirx.PrimExpr:
+        terms = [T.Cast("float32", mq[i * n + j, tt, kk]) * sm[(i * n + j) * on_p, tt * on_t, kk // gs]
+                 for i in range(n)]
+        return _select(a, [_lincomb(at[r], terms, "float32") for r in range(m)])
+
+    def cols(b: tirx.PrimExpr, o1: tirx.Buffer, tt: tirx.PrimExpr, kk: tirx.PrimExpr,
+             a: tirx.PrimExpr) -> tirx.PrimExpr:
+        terms = [o1[tt, kk, a, j] for j in range(n)]
+        return _select(b, [_lincomb(at[r], terms, "float32") for r in range(m)])
+
+    @T.macro
+    def body(mf, sx, bias, mq, sm, y):
+        mmax = T.alloc_buffer((pm, tm, gm), "float32")
+        o1 = T.alloc_buffer((t, k, m, n), "float32")
+        yt = T.alloc_buffer((t, k, m, m), "float32")
+        for i0, i1, i2, i3, i4, i5 in T.grid(pm, tm, gm, rp, rt, gs):
+            with T.sblock("m_absmax"):
+                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSRRR", [i0, i1, i2, i3, i4, i5])
+                with T.init():
+                    mmax[v0, v1, v2] = T.float32(0)
+                mmax[v0, v1, v2] = T.max(mmax[v0, v1, v2],
+                                         T.fabs(mf[v0 + v3, v1 + v4, _clamp_index(v2 * gs + v5, k, gm * gs)]))
+        for i0, i1, i2 in T.grid(pm, tm, gm):
+            with T.sblock("m_scale"):
+                v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                sm[v0, v1, v2] = _scale(mmax[v0, v1, v2], qm)
+        for i0, i1, i2 in T.grid(p, t, k):
+            with T.sblock("m_quant"):
+                v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                mq[v0, v1, v2] = _quant(mf[v0, v1, v2], sm[v0 * on_p, v1 * on_t, v2 // gs], qm, mq_dt)
+        for i0, i1, i2, i3 in T.grid(t, k, m, n):
+            with T.sblock("otf_rows"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                o1[v0, v1, v2, v3] = rows(v2, mq, sm, v3, v0, v1)
+        for i0, i1, i2, i3 in T.grid(t, k, m, m):
+            with T.sblock("otf_cols"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                yt[v0, v1, v2, v3] = cols(v3, o1, v0, v1, v2)
+        for i0, i1, i2, i3 in T.grid(nb, k, oh, ow):
+            with T.sblock("y_store"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                y[v0, v1, v2, v3] = (yt[(v0 * th + v2 // m) * tw + v3 // m, v1, v2 % m, v3 % m] * sx[0]
+                                     + bias[v1])
+
+    if debug:
+        @T.prim_func(s_tir=True, private=True)
+        def winoq_output_debug(mf: T.Buffer((p, t, k), "float32"), sx: T.Buffer((1,), "float32"),
+                               bias: T.Buffer((k,), "float32"), mq: T.Buffer((p, t, k), mq_dt),
+                               sm: T.Buffer((pm, tm, gm), "float32"),
+                               y: T.Buffer((nb, k, oh, ow), "float32")):
+            T.func_attr({"tir.noalias": True})
+            body(mf, sx, bias, mq, sm, y)
+
+        return winoq_output_debug
+
+    @T.prim_func(s_tir=True, private=True)
+    def winoq_output(mf: T.Buffer((p, t, k), "float32"), sx: T.Buffer((1,), "float32"),
+                     bias: T.Buffer((k,), "float32"), y: T.Buffer((nb, k, oh, ow), "float32")):
+        T.func_attr({"tir.noalias": True})
+        mq = T.alloc_buffer((p, t, k), mq_dt)
+        sm = T.alloc_buffer((pm, tm, gm), "float32")
+        body(mf, sx, bias, mq, sm, y)
+
+    return winoq_output
