@@ -12,7 +12,8 @@ on a core without dot-product instructions) it raises out of its listen thread: 
 open, clients queue forever and the server never answers again.  This supervisor reuses the stock
 handshake and tracker logic (``tvm.rpc.server._listen_loop``) but replaces the per-session step:
 
-* each session runs in a forked child (``multiprocessing`` with ``fork``);
+* each session runs in a forked child (``multiprocessing`` with ``fork``), up to ``--max-sessions``
+  at once (default 1: one at a time, like the stock server);
 * when the child dies abnormally, the client gets a clear ``RPCSessionCrashed`` error message naming
   the signal (``SIGILL: illegal instruction ...``) instead of a hang;
 * the session timeout requested by the client is honoured (the child is killed);
@@ -22,12 +23,15 @@ handshake and tracker logic (``tvm.rpc.server._listen_loop``) but replaces the p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 from tvm.rpc import _ffi_api
@@ -79,17 +83,18 @@ def _return_error(sock: socket.socket, message: str) -> None:
         LOG.debug("could not send the error to the client", exc_info=True)
 
 
-def _robust_serving(sock: socket.socket, addr: Any, opts: dict, load_library: str | None) -> None:
-    """Serve one session in a forked child; never raises, so the listen loop keeps going."""
-    LOG.info("connected from %s", addr)
-    old_cwd = os.getcwd()
-    work_path = None
+_SLOTS = threading.BoundedSemaphore(1)
+
+
+def _session_child(sock: socket.socket, load_library: str | None, work_path: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the C++ serve loop never returns to Python handlers
+    os.chdir(work_path.path)  # stray output (and qemu core files, if enabled) land in the session dir
+    _server._serve_loop(sock, load_library, work_path)
+
+
+def _watch(proc: Any, sock: socket.socket, addr: Any, opts: dict, work_path: Any) -> None:
+    """Wait for one session child; report an abnormal end to the client; always clean up."""
     try:
-        work_path = utils.tempdir()
-        os.chdir(work_path.path)  # a core file or stray output lands in the session's temp dir
-        ctx = multiprocessing.get_context("fork")
-        proc = ctx.Process(target=_server._serve_loop, args=(sock, load_library, work_path))
-        proc.start()
         timeout = opts.get("timeout")
         proc.join(timeout)
         if proc.is_alive():
@@ -110,19 +115,34 @@ def _robust_serving(sock: socket.socket, addr: Any, opts: dict, load_library: st
     except Exception:  # keep serving whatever happened
         LOG.exception("session from %s failed", addr)
     finally:
-        try:
-            os.chdir(old_cwd)
-        except OSError:
-            os.chdir("/")
-        if work_path is not None:
-            try:
-                work_path.remove()
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
+            work_path.remove()
+        with contextlib.suppress(OSError):
             sock.close()
-        except OSError:
-            pass
+        _SLOTS.release()
+
+
+def _robust_serving(sock: socket.socket, addr: Any, opts: dict, load_library: str | None) -> None:
+    """Start one session in a forked child and return; never raises, so the listen loop keeps going.
+
+    Blocks while ``max_sessions`` sessions are running (with 1, sessions are served one at a time,
+    like the stock server).
+    """
+    _SLOTS.acquire()
+    LOG.info("connected from %s", addr)
+    try:
+        work_path = utils.tempdir()
+        proc = multiprocessing.get_context("fork").Process(
+            target=_session_child, args=(sock, load_library, work_path), daemon=False
+        )
+        proc.start()
+    except Exception:  # keep serving whatever happened
+        LOG.exception("could not start a session for %s", addr)
+        with contextlib.suppress(OSError):
+            sock.close()
+        _SLOTS.release()
+        return
+    threading.Thread(target=_watch, args=(proc, sock, addr, opts, work_path), daemon=True).start()
 
 
 def serve(
@@ -132,6 +152,7 @@ def serve(
     tracker: tuple[str, int] | None = None,
     custom_addr: str | None = None,
     load_library: str | None = None,
+    max_sessions: int = 1,
 ) -> None:
     """Bind ``host:port`` and serve RPC sessions forever (optionally registered at a tracker).
 
@@ -147,7 +168,11 @@ def serve(
         Address reported to the tracker instead of the peer address it sees.
     load_library : str, optional
         Colon-separated extra shared libraries to load in every session.
+    max_sessions : int
+        Sessions served at once, each in its own forked process.
     """
+    global _SLOTS
+    _SLOTS = threading.BoundedSemaphore(max(1, max_sessions))
     _server._serving = _robust_serving  # the listen loop looks this name up at call time
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -174,12 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracker", type=_parse_addr, default=None)
     parser.add_argument("--custom-addr", default=None)
     parser.add_argument("--load-library", default=None)
+    parser.add_argument("--max-sessions", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args.host, args.port, args.key, args.tracker, args.custom_addr, args.load_library)
+    # Exit at once on SIGTERM: running the atexit temp-dir cleanup while session watcher threads still
+    # remove their own directories only produces noise; the caller owns (and cleans) TMPDIR.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    with contextlib.suppress(ValueError, OSError):  # no multi-GB (qemu) core files from crashed sessions
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    serve(
+        args.host, args.port, args.key, args.tracker, args.custom_addr, args.load_library, args.max_sessions
+    )
     return 0
 
 

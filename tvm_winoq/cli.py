@@ -51,6 +51,13 @@ def _cmd_layers(a: argparse.Namespace) -> None:
     print(describe_layers(a.model))
 
 
+def _cmd_train_fmnist(a: argparse.Namespace) -> None:
+    from .train_fmnist import train_fmnist
+
+    res = train_fmnist(epochs=a.epochs, batch=a.batch, lr=a.lr, seed=a.seed, out=a.out)
+    print(f"test top-1 {res['test_accuracy']:.2f}% in {res['seconds']:.0f} s -> {res['checkpoint']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``winoq`` argument parser."""
     p = argparse.ArgumentParser(prog="winoq", description="Data-free group-wise int8 Winograd for TVM")
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
     t.add_argument("--images", type=int, default=5)
     t.add_argument("--size", type=int, default=256)
-    t.add_argument("--steps", type=int, default=300, help="finetuning steps")
+    t.add_argument("--steps", type=int, default=600, help="finetuning steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-model", action="store_true", help="skip the whole-model column")
     t.add_argument("--summary", action="store_true", help="omit the per-layer table")
@@ -73,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("model")
     f.add_argument("--tile", type=int, default=6)
     f.add_argument("--group", type=int, default=32)
-    f.add_argument("--steps", type=int, default=300)
-    f.add_argument("--lr", type=float, default=0.05)
+    f.add_argument("--steps", type=int, default=600)
+    f.add_argument("--lr", type=float, default=0.02)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--per-layer", action="store_true")
     f.set_defaults(func=_cmd_finetune)
@@ -82,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("layers", help="list the convolutions of a model and which are eligible")
     ls.add_argument("model")
     ls.set_defaults(func=_cmd_layers)
+    tr = sub.add_parser("train-fmnist", help="train the Fashion-MNIST ResNet checkpoint")
+    tr.add_argument("--epochs", type=int, default=6)
+    tr.add_argument("--batch", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=0.1)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("-o", "--out", default=None, help="checkpoint path (default: the registry's)")
+    tr.set_defaults(func=_cmd_train_fmnist)
     return p
 
 

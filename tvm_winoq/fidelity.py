@@ -25,8 +25,10 @@ def real_inputs(model_name: str, n: int, size: int | None) -> list[torch.Tensor]
     if model_name in ("resnet18", "resnet34", "mobilenet_v2"):
         return [imagenet_preprocess(img, size or 224) for img in natural_images(n, 256)]
     if model_name == "fmnist_resnet":
+        from .train_fmnist import to_tensor
+
         images, _ = fashion_mnist("test")
-        x = torch.from_numpy(images[:n]).float().div(255.0).unsqueeze(1)
+        x = to_tensor(images[:n])
         return [x[i : i + 1] for i in range(n)]
     from .models import get_model
 

@@ -43,8 +43,8 @@ class FinetuneSettings:
     ``spatial`` caps the height/width of the Gaussian inputs (keeps a step cheap on 2 cores).
     """
 
-    steps: int = 300
-    lr: float = 0.05
+    steps: int = 600
+    lr: float = 0.02
     momentum: float = 0.9
     layers_per_step: int = 2
     batch: int = 1

@@ -193,8 +193,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 def fmnist_resnet(checkpoint: str | Path | None = None, num_classes: int = 10) -> ResNet:
     """ResNet-18-style network for ``[N, 1, 28, 28]`` Fashion-MNIST images.
 
-    3x3 stride-1 stem (32 channels, no max-pool) and four stages of two BasicBlocks at widths
-    32/64/128/256 with strides 1/2/2/2 (28 -> 28 -> 14 -> 7 -> 4), global average pool, linear.
+    3x3 stride-1 stem (16 channels, no max-pool) and four stages of two BasicBlocks at widths
+    16/32/64/128 with strides 1/2/2/2 (28 -> 28 -> 14 -> 7 -> 4), global average pool, linear.
     15 of its 20 convolutions are 3x3 stride 1.
 
     Parameters
@@ -209,7 +209,7 @@ def fmnist_resnet(checkpoint: str | Path | None = None, num_classes: int = 10) -
     ResNet
         The model (train mode; the registry puts it in eval mode).
     """
-    model = ResNet([2, 2, 2, 2], num_classes, in_channels=1, widths=(32, 64, 128, 256), small_input=True)
+    model = ResNet([2, 2, 2, 2], num_classes, in_channels=1, widths=(16, 32, 64, 128), small_input=True)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

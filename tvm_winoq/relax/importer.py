@@ -55,11 +55,17 @@ class ImportedModel:
 
 
 def _check_static(mod: tvm.IRModule) -> None:
-    for p in mod["main"].params:
+    func = mod["main"]
+    for p in func.params:
         ty = p.ty
         if isinstance(ty, relax.TensorType):
             if ty.shape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in ty.shape):
                 raise ModelError(f"input {p.name!r} has a dynamic shape {ty}; export with static shapes")
+    sym = list(relax.analysis.defined_symbolic_vars(func)) + list(relax.analysis.free_symbolic_vars(func))
+    if sym:
+        names = sorted({str(v) for v in sym})
+        raise ModelError(f"the imported model has dynamic (symbolic) shapes {names}; only static shapes "
+                         "are supported")
 
 
 def import_model(

@@ -59,7 +59,8 @@ class GroupQuant:
 
     def scale_shape(self, positions: int, rows: int, channels: int) -> tuple[int, int, int]:
         """Shape ``[P|1, R|1, G]`` of the scales."""
-        return (positions if self.per_position else 1, rows if self.per_row else 1, n_groups(channels, self.group))
+        return (positions if self.per_position else 1, rows if self.per_row else 1,
+                n_groups(channels, self.group))
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class KernelSpec:
             raise ValueError(f"input has {c} channels, plan expects {plan.in_channels}")
         if plan.act.bits > 8 or plan.v.bits > 8 or plan.u.bits > 8 or plan.m_spec.bits > 8:
             raise ValueError("the TIR kernels support up to 8-bit quantization")
+        if not (plan.v.per_position and plan.v.per_row):
+            raise ValueError("the TIR kernels need V scales per position and tile (QuantSpec per_position "
+                             "and per_row); other V layouts run in the PyTorch reference")
         return KernelSpec(
             batch=n_, in_channels=c, height=h, width=w, out_channels=plan.out_channels,
             pad_h=plan.padding[0], pad_w=plan.padding[1], m=plan.m,
@@ -202,6 +206,16 @@ def _clamp_index(index: tirx.PrimExpr, size: int, padded: int) -> tirx.PrimExpr:
     return index if padded == size else tirx.min(index, size - 1)
 
 
+def _join(outer: tirx.PrimExpr, inner: tirx.PrimExpr, outer_ext: int, inner_ext: int) -> tirx.PrimExpr:
+    """``outer + inner`` for a (scale axis, reduced axis) pair where one of them has extent 1."""
+    return outer if inner_ext == 1 else inner if outer_ext == 1 else outer + inner
+
+
+def _lanes(group: int) -> int:
+    """Partial maxima per group absmax (vector lanes): the largest of 8, 4, 2, 1 dividing ``group``."""
+    return next(v for v in (8, 4, 2, 1) if group % v == 0)
+
+
 def _scale(amax: tirx.PrimExpr, qmax: int) -> tirx.PrimExpr:
     """``absmax / qmax`` with 1 where that is 0 (:func:`~tvm_winoq.quant.ops.scale_from_absmax`)."""
     s = amax / tirx.const(float(qmax), "float32")
@@ -225,19 +239,19 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     ph, pw = spec.pad_h, spec.pad_w
     p, t = spec.positions, spec.tiles
     vq_dt, qa, qv = spec.v.dtype, spec.act_qmax, spec.v.qmax
-    pv, tv, gv = spec.sv_shape
-    rp, rt, gs = p // pv, t // tv, spec.v.group
-    on_p, on_t = int(spec.v.per_position), int(spec.v.per_row)
+    gv, gs = spec.sv_shape[2], spec.v.group
+    lv = _lanes(gs)
     bt, beta = spec.bt_int, spec.beta
 
-    def rows(i: tirx.PrimExpr, xp: tirx.Buffer, b: tirx.PrimExpr, h0: tirx.PrimExpr,
-             w0: tirx.PrimExpr, ch: tirx.PrimExpr) -> tirx.PrimExpr:
-        loads = [xp[b, h0 + a, w0, ch] for a in range(n)]
+    def rows(i: tirx.PrimExpr, xp: tirx.Buffer, tt: tirx.PrimExpr, b: tirx.PrimExpr,
+             ch: tirx.PrimExpr) -> tirx.PrimExpr:
+        img, h0, w0 = tt // (th * tw), tt // tw % th * m, tt % tw * m + b
+        loads = [xp[img, h0 + a, w0, ch] for a in range(n)]
         return _select(i, [_lincomb(bt[r], loads, "int32") for r in range(n)])
 
-    def cols(j: tirx.PrimExpr, tmp: tirx.Buffer, b: tirx.PrimExpr, y: tirx.PrimExpr, x: tirx.PrimExpr,
-             i: tirx.PrimExpr, ch: tirx.PrimExpr) -> tirx.PrimExpr:
-        loads = [tmp[b, y, x, i, a, ch] for a in range(n)]
+    def cols(j: tirx.PrimExpr, tmp: tirx.Buffer, tt: tirx.PrimExpr, i: tirx.PrimExpr,
+             ch: tirx.PrimExpr) -> tirx.PrimExpr:
+        loads = [tmp[tt, i, a, ch] for a in range(n)]
         return _select(j, [_lincomb(bt[r], loads, "int32") for r in range(n)])
 
     def beta_of(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -246,18 +260,19 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
 
     @T.prim_func(s_tir=True, private=True)
     def winoq_input(x: T.Buffer((nb, c, h, w), "float32"), vq: T.Buffer((p, t, c), vq_dt),
-                    sv: T.Buffer((pv, tv, gv), "float32"), sx: T.Buffer((1,), "float32")):
+                    sv: T.Buffer((p, t, gv), "float32"), sx: T.Buffer((1,), "float32")):
         T.func_attr({"tir.noalias": True})
-        xmax = T.alloc_buffer((1,), "float32")
-        xp = T.alloc_buffer((nb, hp, wp, c), "int32")
-        tmp = T.alloc_buffer((nb, th, tw, n, n, c), "int32")
-        vs = T.alloc_buffer((p, t, c), "float32")
-        vmax = T.alloc_buffer((pv, tv, gv), "float32")
+        xmax = T.sblock_alloc_buffer((1,), "float32")
+        xp = T.sblock_alloc_buffer((nb, hp, wp, c), "int32")  # quantized, padded, NHWC
+        tmp = T.sblock_alloc_buffer((t, n, n, c), "int32")  # BT_int d (per tile)
+        vs = T.sblock_alloc_buffer((n, n, t, c), "float32")  # V_s = float(BT_int d BT_int^T) * beta
+        vmax = T.sblock_alloc_buffer((p, t, gv), "float32")
+        vlane = T.sblock_alloc_buffer((p, gv, lv), "float32")
         for i0, i1, i2, i3 in T.grid(nb, c, h, w):
             with T.sblock("x_absmax"):
                 v0, v1, v2, v3 = T.axis.remap("RRRR", [i0, i1, i2, i3])
                 with T.init():
-                    xmax[0] = T.min_value("float32")  # the max reducer's identity (rfactor)
+                    xmax[0] = T.min_value("float32")  # the max reducer's identity (for rfactor)
                 xmax[0] = T.max(xmax[0], T.fabs(x[v0, v1, v2, v3]))
         for i0 in range(1):
             with T.sblock("x_scale"):
@@ -269,30 +284,42 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                 xp[v0, v1, v2, v3] = T.if_then_else(
                     ph <= v1 and v1 < ph + h and pw <= v2 and v2 < pw + w,
                     _quant(x[v0, v3, v1 - ph, v2 - pw], sx[0], qa, "int32"), 0)
-        for i0, i1, i2, i3, i4, i5 in T.grid(nb, th, tw, n, n, c):
-            with T.sblock("tf_rows"):
-                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSSSS", [i0, i1, i2, i3, i4, i5])
-                tmp[v0, v1, v2, v3, v4, v5] = rows(v3, xp, v0, v1 * m, v2 * m + v4, v5)
-        for i0, i1, i2, i3, i4, i5 in T.grid(nb, th, tw, n, n, c):
-            with T.sblock("tf_cols"):
-                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSSSS", [i0, i1, i2, i3, i4, i5])
-                vs[v3 * n + v4, (v0 * th + v1) * tw + v2, v5] = (
-                    T.Cast("float32", cols(v4, tmp, v0, v1, v2, v3, v5)) * beta_of(v3, v4))
-        for i0, i1, i2, i3, i4, i5 in T.grid(pv, tv, gv, rp, rt, gs):
-            with T.sblock("v_absmax"):
-                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSRRR", [i0, i1, i2, i3, i4, i5])
-                with T.init():
-                    vmax[v0, v1, v2] = T.float32(0)
-                vmax[v0, v1, v2] = T.max(vmax[v0, v1, v2],
-                                         T.fabs(vs[v0 + v3, v1 + v4, _clamp_index(v2 * gs + v5, c, gv * gs)]))
-        for i0, i1, i2 in T.grid(pv, tv, gv):
-            with T.sblock("v_scale"):
-                v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                sv[v0, v1, v2] = _scale(vmax[v0, v1, v2], qv)
-        for i0, i1, i2 in T.grid(p, t, c):
-            with T.sblock("v_quant"):
-                v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                vq[v0, v1, v2] = _quant(vs[v0, v1, v2], sv[v0 * on_p, v1 * on_t, v2 // gs], qv, vq_dt)
+        for it in range(t):  # everything after the input quantization is per tile
+            for i0, i1, i2 in T.grid(n, n, c):
+                with T.sblock("tf_rows"):
+                    v0 = T.axis.spatial(t, it)
+                    v1, v2, v3 = T.axis.remap("SSS", [i0, i1, i2])
+                    tmp[v0, v1, v2, v3] = rows(v1, xp, v0, v2, v3)
+            for i0, i1, i2 in T.grid(n, n, c):
+                with T.sblock("tf_cols"):
+                    v0 = T.axis.spatial(t, it)
+                    v1, v2, v3 = T.axis.remap("SSS", [i0, i1, i2])
+                    vs[v1, v2, v0, v3] = T.Cast("float32", cols(v2, tmp, v0, v1, v3)) * beta_of(v1, v2)
+            for i0, i1, i2, i3 in T.grid(p, gv, lv, gs // lv):  # lv partial maxima (vectorizable)
+                with T.sblock("v_absmax_lanes"):
+                    v0 = T.axis.spatial(t, it)
+                    v1, v2, v3, v4 = T.axis.remap("SSSR", [i0, i1, i2, i3])
+                    with T.init():
+                        vlane[v1, v2, v3] = T.float32(0)
+                    vlane[v1, v2, v3] = T.max(vlane[v1, v2, v3], T.fabs(
+                        vs[v1 // n, v1 % n, v0, _clamp_index(v2 * gs + v4 * lv + v3, c, gv * gs)]))
+            for i0, i1, i2 in T.grid(p, gv, lv):
+                with T.sblock("v_absmax"):
+                    v0 = T.axis.spatial(t, it)
+                    v1, v2, v3 = T.axis.remap("SSR", [i0, i1, i2])
+                    with T.init():
+                        vmax[v1, v0, v2] = T.float32(0)
+                    vmax[v1, v0, v2] = T.max(vmax[v1, v0, v2], vlane[v1, v2, v3])
+            for i0, i1 in T.grid(p, gv):
+                with T.sblock("v_scale"):
+                    v0 = T.axis.spatial(t, it)
+                    v1, v2 = T.axis.remap("SS", [i0, i1])
+                    sv[v1, v0, v2] = _scale(vmax[v1, v0, v2], qv)
+            for i0, i1 in T.grid(p, c):
+                with T.sblock("v_quant"):
+                    v0 = T.axis.spatial(t, it)
+                    v1, v2 = T.axis.remap("SS", [i0, i1])
+                    vq[v1, v0, v2] = _quant(vs[v1 // n, v1 % n, v0, v2], sv[v1, v0, v2 // gs], qv, vq_dt)
 
     return winoq_input
 
@@ -340,7 +367,7 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                    uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
                    mf: T.Buffer((p, t, k), "float32")):
         T.func_attr({"tir.noalias": True})
-        acc = T.alloc_buffer((p, t, k, ng), "int32")
+        acc = T.sblock_alloc_buffer((p, t, k, ng), "int32")
         body(vq, sv, uq, su, acc, mf)
 
     return winoq_gemm
@@ -353,6 +380,7 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     nb, oh, ow, th, tw = spec.batch, geo.out_h, geo.out_w, geo.tiles_h, geo.tiles_w
     pm, tm, gm = spec.sm_shape
     rp, rt, gs = p // pm, t // tm, spec.m_quant.group
+    lm = _lanes(gs)
     on_p, on_t, qm, mq_dt = int(spec.m_quant.per_position), int(spec.m_quant.per_row), spec.m_quant.qmax, \
         spec.m_quant.dtype
     at = spec.at_s
@@ -365,21 +393,28 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
 
     def cols(b: tirx.PrimExpr, o1: tirx.Buffer, tt: tirx.PrimExpr, kk: tirx.PrimExpr,
              a: tirx.PrimExpr) -> tirx.PrimExpr:
-        terms = [o1[tt, kk, a, j] for j in range(n)]
+        terms = [o1[tt, a, j, kk] for j in range(n)]
         return _select(b, [_lincomb(at[r], terms, "float32") for r in range(m)])
 
     @T.macro
     def body(mf, sx, bias, mq, sm, y):
-        mmax = T.alloc_buffer((pm, tm, gm), "float32")
-        o1 = T.alloc_buffer((t, k, m, n), "float32")
-        yt = T.alloc_buffer((t, k, m, m), "float32")
-        for i0, i1, i2, i3, i4, i5 in T.grid(pm, tm, gm, rp, rt, gs):
+        mmax = T.sblock_alloc_buffer((pm, tm, gm), "float32")
+        mlane = T.sblock_alloc_buffer((pm, tm, gm, lm), "float32")
+        o1 = T.sblock_alloc_buffer((t, m, n, k), "float32")  # channels innermost (vectorized)
+        yt = T.sblock_alloc_buffer((t, m, m, k), "float32")
+        for i0, i1, i2, i3, i4, i5, i6 in T.grid(pm, tm, gm, lm, rp, rt, gs // lm):
+            with T.sblock("m_absmax_lanes"):
+                v0, v1, v2, v3, v4, v5, v6 = T.axis.remap("SSSSRRR", [i0, i1, i2, i3, i4, i5, i6])
+                with T.init():
+                    mlane[v0, v1, v2, v3] = T.float32(0)
+                mlane[v0, v1, v2, v3] = T.max(mlane[v0, v1, v2, v3], T.fabs(
+                    mf[_join(v0, v4, pm, rp), _join(v1, v5, tm, rt), _clamp_index(v2 * gs + v6 * lm + v3, k, gm * gs)]))
+        for i0, i1, i2, i3 in T.grid(pm, tm, gm, lm):
             with T.sblock("m_absmax"):
-                v0, v1, v2, v3, v4, v5 = T.axis.remap("SSSRRR", [i0, i1, i2, i3, i4, i5])
+                v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])
                 with T.init():
                     mmax[v0, v1, v2] = T.float32(0)
-                mmax[v0, v1, v2] = T.max(mmax[v0, v1, v2],
-                                         T.fabs(mf[v0 + v3, v1 + v4, _clamp_index(v2 * gs + v5, k, gm * gs)]))
+                mmax[v0, v1, v2] = T.max(mmax[v0, v1, v2], mlane[v0, v1, v2, v3])
         for i0, i1, i2 in T.grid(pm, tm, gm):
             with T.sblock("m_scale"):
                 v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
@@ -391,15 +426,15 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         for i0, i1, i2, i3 in T.grid(t, k, m, n):
             with T.sblock("otf_rows"):
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
-                o1[v0, v1, v2, v3] = rows(v2, mq, sm, v3, v0, v1)
+                o1[v0, v2, v3, v1] = rows(v2, mq, sm, v3, v0, v1)
         for i0, i1, i2, i3 in T.grid(t, k, m, m):
             with T.sblock("otf_cols"):
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
-                yt[v0, v1, v2, v3] = cols(v3, o1, v0, v1, v2)
+                yt[v0, v2, v3, v1] = cols(v3, o1, v0, v1, v2)
         for i0, i1, i2, i3 in T.grid(nb, k, oh, ow):
             with T.sblock("y_store"):
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
-                y[v0, v1, v2, v3] = (yt[(v0 * th + v2 // m) * tw + v3 // m, v1, v2 % m, v3 % m] * sx[0]
+                y[v0, v1, v2, v3] = (yt[(v0 * th + v2 // m) * tw + v3 // m, v2 % m, v3 % m, v1] * sx[0]
                                      + bias[v1])
 
     if debug:
@@ -417,8 +452,8 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     def winoq_output(mf: T.Buffer((p, t, k), "float32"), sx: T.Buffer((1,), "float32"),
                      bias: T.Buffer((k,), "float32"), y: T.Buffer((nb, k, oh, ow), "float32")):
         T.func_attr({"tir.noalias": True})
-        mq = T.alloc_buffer((p, t, k), mq_dt)
-        sm = T.alloc_buffer((pm, tm, gm), "float32")
+        mq = T.sblock_alloc_buffer((p, t, k), mq_dt)
+        sm = T.sblock_alloc_buffer((pm, tm, gm), "float32")
         body(mf, sx, bias, mq, sm, y)
 
     return winoq_output

@@ -30,7 +30,7 @@ from ..config import WinoQConfig
 from ..quant.plan import LayerScales, plan_layer
 from .kernels import KernelSpec, gemm_func, input_func, layer_constants, output_func
 
-__all__ = ["RewriteRecord", "WinogradRewrite", "weight_fingerprint"]
+__all__ = ["RewriteRecord", "WinogradRewrite", "kernel_funcs", "weight_fingerprint"]
 
 #: ``op_pattern`` value of an opaque operator (relax ``OpPatternKind::kOpaque``): never fused.
 OPAQUE = 8
@@ -42,6 +42,15 @@ def weight_fingerprint(weight: np.ndarray) -> str:
     h = hashlib.sha1(repr(arr.shape).encode())
     h.update(arr.tobytes())
     return h.hexdigest()[:20]
+
+
+def kernel_funcs(spec: KernelSpec) -> dict[str, tvm.tirx.PrimFunc]:
+    """``{global name: PrimFunc}`` of the three (production) kernels of ``spec``, as the pass adds them."""
+    stages = (("input", input_func(spec)), ("gemm", gemm_func(spec)), ("output", output_func(spec)))
+    return {
+        f"winoq_{stage}_{spec.key()}": f.with_attr("op_pattern", OPAQUE).with_attr("winoq.kernel", stage)
+        for stage, f in stages
+    }
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,7 @@ class _ConvRewriter(relax.PyExprMutator):
         x = _static_shape(conv.args[0]) or ()
         if name is None:
             name = self._name(conv)
+            self.index += 1
         self.owner.records.append(RewriteRecord(name, w, x, done, reason))
 
     def _name(self, conv: relax.Call) -> str:
@@ -193,10 +203,11 @@ class _ConvRewriter(relax.PyExprMutator):
             return None
         cfg = self.owner.cfg
         choice = cfg.layers.get(name, f"f{cfg.tile}")
-        if not choice.startswith("f"):
+        tile = int(choice[1:]) if choice[:1] == "f" and choice[1:].isdigit() else None
+        if tile is None:
             self._record(conv, False, f"config chooses {choice!r} for this layer", name)
             return None
-        lcfg = cfg if int(choice[1:]) == cfg.tile else cfg.with_(tile=int(choice[1:]), points=None)
+        lcfg = cfg if tile == cfg.tile else cfg.with_(tile=tile, points=None)
         sc = self.owner.scales.get(name) if isinstance(self.owner.scales, Mapping) else self.owner.scales
         if sc is not None and sc.s_b.numel() != lcfg.tile + 2:
             sc = None
@@ -204,7 +215,8 @@ class _ConvRewriter(relax.PyExprMutator):
         weight = torch.from_numpy(conv.args[1].value.numpy().copy())
         b = None if bias is None else torch.from_numpy(bias.copy())
         x = self.visit_expr(conv.args[0])
-        out = self.emit_layer(x, plan_layer(weight, b, (pad[0], pad[1]), lcfg, sc), _static_shape(conv.args[0]))
+        plan = plan_layer(weight, b, (pad[0], pad[1]), lcfg, sc)
+        out = self.emit_layer(x, plan, _static_shape(conv.args[0]))
         self._record(conv, True, f"F({lcfg.tile},3)" + (" + bias" if bias is not None else ""), name)
         return out
 
@@ -213,12 +225,7 @@ class _ConvRewriter(relax.PyExprMutator):
         spec = KernelSpec.from_plan(plan, x_shape)  # type: ignore[arg-type]
         consts = layer_constants(plan)  # type: ignore[arg-type]
         bb = self.builder_
-        gvs = [
-            bb.add_func(f.with_attr("op_pattern", OPAQUE).with_attr("winoq.kernel", stage),
-                        f"winoq_{stage}_{spec.key()}")
-            for stage, f in (("input", input_func(spec)), ("gemm", gemm_func(spec)),
-                             ("output", output_func(spec)))
-        ]
+        gvs = [bb.add_func(f, name) for name, f in kernel_funcs(spec).items()]
         p, t = spec.positions, spec.tiles
         c, k = spec.in_channels, spec.out_channels
         lv = bb.emit(relax.call_tir(gvs[0], [x], [

@@ -21,7 +21,8 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-__all__ = ["schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output", "schedule_winoq_kernels"]
+__all__ = ["schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
+           "schedule_winoq_kernels"]
 
 _SCHEDULED = "tirx.is_scheduled"
 
@@ -55,31 +56,37 @@ def _has_block(sch: Schedule, name: str) -> bool:
 
 
 def _absmax_rfactor(sch: Schedule, name: str) -> None:
-    """Vectorize a full-tensor max reduction by rfactor over ``lanes`` partial maxima."""
+    """Vectorize the per-tensor input absmax: ``rfactor`` over lanes of the innermost (W) axis."""
     blk = sch.get_sblock(name)
-    fused = sch.fuse(*sch.get_loops(blk))
-    lanes = _divisor(_extent(sch, fused), (16, 8, 4))
+    loops = sch.get_loops(blk)
+    lanes = _divisor(_extent(sch, loops[-1]), (16, 8, 7, 4))
     if lanes == 1:
-        return
-    _, li = sch.split(fused, [None, lanes])
+        loops = [sch.fuse(*loops)]
+        lanes = _divisor(_extent(sch, loops[0]), (16, 8, 4))
+        if lanes == 1:
+            return
+    _, li = sch.split(loops[-1], [None, lanes])
     rf = sch.rfactor(li, 0)
-    lo_rf = sch.get_loops(rf)
-    sch.reorder(lo_rf[1], lo_rf[0])
-    sch.vectorize(lo_rf[0])
-    sch.decompose_reduction(rf, lo_rf[1])
+    lo_rf = sch.get_loops(rf)  # [..., outer part of W (reduce), lanes (spatial)]
+    sch.vectorize(lo_rf[-1])
+    sch.decompose_reduction(rf, lo_rf[0])
 
 
-def _per_tile(sch: Schedule, absmax_block: str) -> bool:
-    """True when a group absmax reduces over channels only (per position and per tile scales)."""
-    blk = sch.get(sch.get_sblock(absmax_block))
-    ext = [int(iv.dom.extent) for iv in blk.iter_vars]
-    return ext[3] == 1 and ext[4] == 1  # [P|1, T|1, G, rP, rT, rc]
+def _per_tile_row(sch: Schedule) -> bool:
+    """True when the M scales are per tile (they may span positions): fusable per tile row."""
+    blk = sch.get(sch.get_sblock("m_absmax_lanes"))  # [P|1, T|1, G, lanes, rP, rT, rK]
+    return int(blk.iter_vars[5].dom.extent) == 1
 
 
-def _per_tile_row(sch: Schedule, absmax_block: str) -> bool:
-    """True when a group absmax is per tile (it may span positions)."""
-    blk = sch.get(sch.get_sblock(absmax_block))
-    return int(blk.iter_vars[4].dom.extent) == 1
+def _vectorize_lanes(sch: Schedule, name: str) -> None:
+    """Partial-max block: move its lane loop innermost, vectorize it, split off the init."""
+    blk = sch.get_sblock(name)
+    n_red = sum(int(iv.iter_type) != 0 for iv in sch.get(blk).iter_vars)
+    loops = sch.get_loops(blk)
+    lane, red = loops[-n_red - 1], loops[-n_red:]
+    sch.reorder(*red, lane)
+    sch.vectorize(lane)
+    sch.decompose_reduction(blk, red[0])
 
 
 def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -91,28 +98,16 @@ def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     n, h, w, c = sch.get_loops(q)
     sch.parallel(sch.fuse(n, h))
     _vectorize(sch, c)
-    # transforms per tile, parallel over tile rows
-    cols = sch.get_sblock("tf_cols")
-    nb, th, tw, i, j, c = sch.get_loops(cols)
-    row = sch.fuse(nb, th)
-    sch.parallel(row)
-    sch.compute_at(sch.get_sblock("tf_rows"), tw)
-    i2, b2, c2 = sch.get_loops(sch.get_sblock("tf_rows"))[-3:]
-    sch.unroll(i2)
-    _vectorize(sch, c2)
-    sch.unroll(i)
-    sch.unroll(j)
-    _vectorize(sch, c)
-    if _per_tile(sch, "v_absmax"):
-        sch.reverse_compute_at(sch.get_sblock("v_absmax"), tw)
-        sch.reverse_compute_at(sch.get_sblock("v_scale"), tw)
-        sch.reverse_compute_at(sch.get_sblock("v_quant"), tw)
-        vq = sch.get_sblock("v_quant")
-        _vectorize(sch, sch.get_loops(vq)[-1])
-    else:
-        pq = sch.get_loops(sch.get_sblock("v_quant"))
-        sch.parallel(pq[0])
-        _vectorize(sch, pq[-1])
+    # per tile (parallel): row transform, column transform, V absmax, V scale, V quantization
+    t = sch.get_loops(sch.get_sblock("tf_rows"))[0]
+    sch.parallel(t)
+    for name in ("tf_rows", "tf_cols"):
+        i, j, ch = sch.get_loops(sch.get_sblock(name))[-3:]
+        sch.unroll(i)
+        sch.unroll(j)
+        _vectorize(sch, ch)
+    _vectorize(sch, sch.get_loops(sch.get_sblock("v_quant"))[-1])
+    _vectorize_lanes(sch, "v_absmax_lanes")
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
@@ -121,7 +116,7 @@ def schedule_gemm(func: tirx.PrimFunc, tile_t: int = 4, lanes: int = 16) -> tirx
     sch = Schedule(func)
     dq = sch.get_sblock("gemm_dequant")
     p, t, k, g = sch.get_loops(dq)
-    tt = _divisor(_extent(sch, t), (tile_t, 5, 3, 2))
+    tt = _divisor(_extent(sch, t), (tile_t, 7, 5, 6, 3, 2))
     kk = _extent(sch, k) if _extent(sch, k) <= lanes else _divisor(_extent(sch, k), (lanes, 8, 4))
     to, ti = sch.split(t, [None, tt])
     ko, ki = sch.split(k, [None, kk])
@@ -129,8 +124,8 @@ def schedule_gemm(func: tirx.PrimFunc, tile_t: int = 4, lanes: int = 16) -> tirx
     sch.parallel(sch.fuse(p, to))
     acc = sch.get_sblock("gemm_acc")
     if len(func.params) == 5:  # production: accumulate per group in registers, right where it is used
-        sch.compute_at(acc, g)
-        ati, aki, arc = sch.get_loops(acc)[-3:]
+        sch.compute_at(acc, g, preserve_unit_loops=True)
+        _, ati, aki, _, arc = sch.get_loops(acc)[-5:]  # loops of (p, t, k, g, rc), p and g unit
     else:  # debug: acc is an output (cannot move); same register blocking at the root
         ap, at_, ak, ag, arc = sch.get_loops(acc)
         ato, ati = sch.split(at_, [None, tt])
@@ -161,12 +156,11 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.reorder(nb, oho, k, a, ow)
     row = sch.fuse(nb, oho)
     sch.parallel(row)
-    sch.compute_at(sch.get_sblock("otf_cols"), row)
-    sch.compute_at(sch.get_sblock("otf_rows"), row)
-    if _per_tile_row(sch, "m_absmax"):
-        sch.compute_at(sch.get_sblock("m_quant"), row)
-        sch.compute_at(sch.get_sblock("m_scale"), row)
-        sch.compute_at(sch.get_sblock("m_absmax"), row)
+    sch.compute_at(sch.get_sblock("otf_cols"), row, preserve_unit_loops=True)
+    sch.compute_at(sch.get_sblock("otf_rows"), row, preserve_unit_loops=True)
+    if len(func.params) == 4 and _per_tile_row(sch):  # production (m_q, s_m internal)
+        for name in ("m_quant", "m_scale", "m_absmax", "m_absmax_lanes"):
+            sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
     for name in ("otf_rows", "otf_cols"):
         blk = sch.get_sblock(name)
         t_, k_, a_, j_ = sch.get_loops(blk)[-4:]
@@ -176,6 +170,9 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
         _vectorize(sch, k_)
     mq = sch.get_sblock("m_quant")
     _vectorize(sch, sch.get_loops(mq)[-1])
+    _vectorize_lanes(sch, "m_absmax_lanes")
+    if len(func.params) != 4:  # debug: M quantization at the root, parallel over positions
+        sch.parallel(sch.get_loops(mq)[0])
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
@@ -185,19 +182,102 @@ _SCHEDULES = {"input": schedule_input, "gemm": schedule_gemm, "output": schedule
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Apply the CPU schedules to every PrimFunc of ``mod`` carrying a ``winoq.kernel`` attribute."""
     del target
-    out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "winoq.kernel" not in func.attrs:
+
+    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleWinoqKernels")
+    def _pass(func: tirx.PrimFunc, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
+        attrs = func.attrs
+        if attrs is None or "winoq.kernel" not in attrs or _SCHEDULED in attrs:
+            return func
+        return _SCHEDULES[str(attrs["winoq.kernel"])](func)
+
+    return _pass(mod)
+
+
+# ------------------------------------------------------------------------------- other operators
+def _spatial_reduce_loops(sch: Schedule, blk: object) -> tuple[list, list] | None:
+    """Loops of ``blk`` split into (spatial, reduction), when they map 1:1 to its iter vars in order."""
+    ivs = sch.get(blk).iter_vars
+    loops = sch.get_loops(blk)
+    if len(loops) != len(ivs):
+        return None
+    kinds = [int(iv.iter_type) for iv in ivs]  # 0 = data parallel, 2 = reduction
+    n_sp = kinds.index(2) if 2 in kinds else len(kinds)
+    if any(k != 0 for k in kinds[:n_sp]) or any(k != 2 for k in kinds[n_sp:]):
+        return None
+    return loops[:n_sp], loops[n_sp:]
+
+
+def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Parallel/vectorized schedule of a legalized operator (convolution, pooling, elementwise).
+
+    Injective producers (padding) are inlined; a reduction block gets ``[outer spatial (parallel) |
+    reduction | 4 channels (unrolled) x 8 innermost positions (vectorized)]`` register tiles and its
+    elementwise consumers are computed per parallel row; elementwise blocks are fused, parallel and
+    vectorized.  Any primitive that does not apply is skipped.
+    """
+    sch = Schedule(func)
+    root = sch.get_sblock("root") if _has_block(sch, "root") else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    red = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
+    for b in blocks:
+        if not any(sch.get(b).same_as(sch.get(r)) for r in red) and sch.get_consumers(b):
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - not inlinable (e.g. reused); leave it
+                pass
+    for r in red[:1]:
+        split = _spatial_reduce_loops(sch, r)
+        if split is None or not split[0]:
             continue
-        if _SCHEDULED in func.attrs:
+        sp, rd = split
+        inner = sp[-1]
+        lanes = _divisor(_extent(sch, inner), (8, 4))
+        wo, wi = sch.split(inner, [None, lanes])
+        outer = sp[:-1]
+        ci = None
+        if len(outer) >= 2 and _extent(sch, outer[1]) % 4 == 0:
+            co, ci = sch.split(outer[1], [None, 4])
+            outer = [outer[0], co, *outer[2:]]
+        sch.reorder(*outer, wo, *rd, *([ci] if ci is not None else []), wi)
+        row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(row)
+        if ci is not None:
+            sch.unroll(ci)
+        if lanes > 1:
+            sch.vectorize(wi)
+        if rd:
+            sch.decompose_reduction(r, rd[0])
+        for c in sch.get_consumers(r):
+            sch.reverse_compute_at(c, row)
+    for b in sch.get_child_blocks(root) if root is not None else []:
+        split = _spatial_reduce_loops(sch, b)
+        if split is None or split[1] or len(split[0]) == 0:
             continue
-        out[gv] = _SCHEDULES[str(func.attrs["winoq.kernel"])](func)
-    return out
+        loop = sch.fuse(*split[0]) if len(split[0]) > 1 else split[0][0]
+        lanes = _divisor(_extent(sch, loop), (16, 8, 4))
+        if lanes > 1 and _extent(sch, loop) > lanes:
+            outer, vec = sch.split(loop, [None, lanes])
+            sch.parallel(outer)
+            sch.vectorize(vec)
+    return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
 def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule the remaining (legalized) PrimFuncs: dlight CPU rules (skipping scheduled functions)."""
+    """Schedule the remaining (legalized) PrimFuncs: dlight's CPU rules where they apply (GEMV,
+    reductions), then :func:`_schedule_generic` for everything still unscheduled (each function falls
+    back to its naive form if the generic schedule fails)."""
     from tvm.s_tir import dlight as dl
 
     with target:
-        return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+
+    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleGenericCPU")
+    def _pass(func: tirx.PrimFunc, m: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
+        if func.attrs is not None and (_SCHEDULED in func.attrs or "winoq.kernel" in func.attrs):
+            return func
+        try:
+            return _schedule_generic(func)
+        except Exception:  # noqa: BLE001 - a failed schedule keeps the (correct) naive function
+            return func
+
+    return _pass(mod)

@@ -38,7 +38,7 @@ DEFAULT_POINTS: dict[int, tuple[Fraction, ...]] = {
     6: (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2)),
     7: (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2)),
 }
-"""Default finite points keyed by their count ``n - 1`` (F(2,3): 3, F(4,3): 5, F(6,3): 7); infinity is implicit."""
+"""Default finite points keyed by their count ``n - 1`` (F(2,3): 3, F(4,3): 5, F(6,3): 7)."""
 
 ALTERNATIVE_POINTS: dict[str, tuple[Fraction, ...]] = {
     # Better-conditioned rational points for F(6,3) (Barabasz et al. style): +-3/2 instead of +-1/2

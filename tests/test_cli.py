@@ -1,0 +1,44 @@
+"""The ``winoq`` CLI: commands run, bad input gives one clear line and writes nothing."""
+
+import json
+
+import pytest
+
+from tvm_winoq.cli import main
+
+
+def test_layers_lists_eligibility(capsys):
+    assert main(["layers", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "stride 2" in out and "13 of 20 convolutions are eligible" in out
+
+
+def test_unknown_model_is_one_clear_line(capsys):
+    assert main(["layers", "resnet19"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'resnet19'" in err[0] and "resnet18" in err[0]
+
+
+def test_table_writes_markdown_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WINOQ_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tab"
+    args = ["table", "fmnist_resnet", "--tiles", "4", "--groups", "32", "--images", "1", "--steps", "5",
+            "--no-model", "--summary", "-o", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "int8 direct" in text and "F(4,3) group32, learned shared" in text
+    data = json.loads((out / "table.json").read_text())
+    assert {r["method"] for r in data["rows"]} >= {"int8 direct", "F(4,3) group32, standard"}
+    assert (out / "table.md").read_text().startswith("### fmnist_resnet")
+    # the second run reuses the cached scales
+    assert main(args) == 0
+
+
+def test_bad_finetune_setting_is_reported(capsys):
+    assert main(["finetune", "resnet18", "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err
+
+
+def test_argparse_rejects_missing_model():
+    with pytest.raises(SystemExit):
+        main(["table"])

@@ -1,0 +1,97 @@
+"""The TIR Winograd kernels reproduce the PyTorch integer reference bit for bit (scheduled and naive)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tvm_winoq.config import PerGroup, QuantSpec, groupwise, per_tensor
+from tvm_winoq.quant import LayerScales, plan_layer, winograd_conv2d_int
+from tvm_winoq.relax.build import compile_layer
+from tvm_winoq.relax.kernels import KernelSpec
+
+pytestmark = pytest.mark.tvm
+
+TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+INTEGER = ("v_q", "acc", "m_q")
+SCALES = ("s_x", "s_v", "s_m")
+
+
+def _case(tile, c, k, h, w, pad, batch=1, seed=0, cfg=None, scales=None, zero=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(batch, c, h, w) if zero else torch.randn(batch, c, h, w, generator=g)
+    wt = torch.randn(k, c, 3, 3, generator=g) * 0.1
+    b = torch.randn(k, generator=g) * 0.1
+    plan = plan_layer(wt, b, (pad, pad), cfg or groupwise(tile=tile), scales)
+    y, trace = winograd_conv2d_int(x, plan, return_trace=True)
+    return x, plan, y, trace
+
+
+def _check_trace(out, y, trace):
+    for name in INTEGER + SCALES + ("m_f",):
+        ref = getattr(trace, name).numpy()
+        got = out[name].reshape(ref.shape)
+        assert got.dtype == ref.dtype or name in SCALES, f"{name}: {got.dtype} vs {ref.dtype}"
+        assert np.array_equal(got, ref), f"{name}: {np.sum(got != ref)} of {ref.size} differ"
+    ref_y = y.numpy()
+    err = np.abs(out["y"] - ref_y).max() / max(np.abs(ref_y).max(), 1e-30)
+    assert err < 1e-5, f"y: max relative error {err}"
+
+
+CASES = [
+    # tile, C, K, H, W, pad, batch
+    (2, 48, 40, 7, 9, 0, 1),
+    (2, 32, 64, 11, 13, 1, 2),
+    (4, 48, 40, 9, 11, 1, 1),
+    (4, 64, 64, 15, 15, 1, 1),
+    (4, 48, 40, 13, 7, 0, 2),
+    (6, 48, 40, 13, 9, 1, 1),
+    (6, 96, 32, 11, 11, 0, 1),
+]
+
+
+@pytest.mark.parametrize(("tile", "c", "k", "h", "w", "pad", "batch"), CASES)
+def test_scheduled_debug_kernels_match_reference_trace(tile, c, k, h, w, pad, batch):
+    x, plan, y, trace = _case(tile, c, k, h, w, pad, batch)
+    layer = compile_layer(plan, tuple(x.shape), TARGET, debug=True, schedule=True)
+    _check_trace(layer(x), y, trace)
+
+
+@pytest.mark.parametrize(("tile", "c", "k", "h", "w", "pad", "batch"), [CASES[2], CASES[5]])
+def test_production_kernels_match_debug_kernels(tile, c, k, h, w, pad, batch):
+    """The fused production GEMM/output kernels give the same M_f and y bits as the debug ones."""
+    x, plan, y, trace = _case(tile, c, k, h, w, pad, batch)
+    prod = compile_layer(plan, tuple(x.shape), TARGET, debug=False, schedule=True)(x)
+    dbg = compile_layer(plan, tuple(x.shape), TARGET, debug=True, schedule=True)(x)
+    for name in ("v_q", "s_v", "s_x", "m_f", "y"):
+        assert np.array_equal(prod[name], dbg[name]), name
+    assert np.array_equal(prod["m_f"], trace.m_f.numpy())
+
+
+def test_naive_kernels_match_reference_trace():
+    x, plan, y, trace = _case(4, 48, 40, 9, 11, 1)
+    layer = compile_layer(plan, tuple(x.shape), TARGET, debug=True, schedule=False)
+    _check_trace(layer(x), y, trace)
+
+
+def test_learned_scales_nested_groups_and_zero_input():
+    n = 6
+    g = torch.Generator().manual_seed(3)
+    scales = LayerScales(torch.exp(0.3 * torch.randn(n, generator=g, dtype=torch.float64)),
+                         torch.exp(0.3 * torch.randn(n, generator=g, dtype=torch.float64)))
+    cfg = groupwise(tile=4).with_(
+        v=QuantSpec(PerGroup(16), per_position=True, per_row=True),
+        m=QuantSpec(PerGroup(8), per_position=True, per_row=True),
+    )
+    x, plan, y, trace = _case(4, 40, 24, 10, 10, 1, cfg=cfg, scales=scales)
+    assert plan.gemm_group == 16
+    _check_trace(compile_layer(plan, tuple(x.shape), TARGET, debug=True)(x), y, trace)
+    x, plan, y, trace = _case(4, 40, 24, 10, 10, 1, cfg=cfg, zero=True)
+    out = compile_layer(plan, tuple(x.shape), TARGET, debug=True)(x)
+    _check_trace(out, y, trace)
+    assert out["s_x"][0] == 1.0 and not out["v_q"].any()
+
+
+def test_unsupported_v_layout_is_rejected():
+    _, plan, _, _ = _case(4, 8, 8, 6, 6, 1, cfg=per_tensor(tile=4))
+    with pytest.raises(ValueError, match="per position and tile"):
+        KernelSpec.from_plan(plan, (1, 8, 6, 6))
