@@ -22,8 +22,22 @@ def test_unknown_model_is_one_clear_line(capsys):
 def test_table_writes_markdown_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WINOQ_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "tab"
-    args = ["table", "fmnist_resnet", "--tiles", "4", "--groups", "32", "--images", "1", "--steps", "5",
-            "--no-model", "--summary", "-o", str(out)]
+    args = [
+        "table",
+        "fmnist_resnet",
+        "--tiles",
+        "4",
+        "--groups",
+        "32",
+        "--images",
+        "1",
+        "--steps",
+        "5",
+        "--no-model",
+        "--summary",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "int8 direct" in text and "F(4,3) group32, learned shared" in text

@@ -27,7 +27,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(images).float().div(255.0).sub(MEAN).div(STD)).unsqueeze(1)
 
 
-def evaluate_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
+def evaluate_accuracy(
+    model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 500
+) -> float:
     """Top-1 accuracy (%) of ``model`` on uint8 images."""
     model.eval()
     correct = 0
@@ -39,7 +41,11 @@ def evaluate_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.nda
 
 
 def train_fmnist(
-    epochs: int = 6, batch: int = 128, lr: float = 0.1, seed: int = 0, out: Path | None = None,
+    epochs: int = 6,
+    batch: int = 128,
+    lr: float = 0.1,
+    seed: int = 0,
+    out: Path | None = None,
     log=print,
 ) -> dict:
     """Train with SGD + one-cycle schedule, random crop (pad 2) and horizontal flip.
@@ -73,7 +79,9 @@ def train_fmnist(
             opt.step()
             sched.step()
         acc = evaluate_accuracy(model, x_te, y_te)
-        log(f"epoch {ep + 1}/{epochs}: loss {loss.item():.3f}, test top-1 {acc:.2f}%, {time.time() - t0:.0f} s")
+        log(
+            f"epoch {ep + 1}/{epochs}: loss {loss.item():.3f}, top-1 {acc:.2f}%, {time.time() - t0:.0f} s"
+        )
     path = Path(out) if out is not None else FMNIST_CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
