@@ -169,3 +169,13 @@ def test_partial_groups_and_bad_input():
     assert sqnr_db(conv2d_reference(x.double(), wt, b, (1, 1)), y) > 0
     with pytest.raises(ValueError, match="expected input"):
         winograd_conv2d_int(torch.randn(1, 5, 8, 8), plan)
+
+
+def test_rounding_modes():
+    from tvm_winoq.quant.ops import round_nearest
+
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, 1.2])
+    assert round_nearest(x, "half-even").tolist() == [0, 2, 2, 0, -2, 0, 1]
+    assert round_nearest(x, "half-away").tolist() == [1, 2, 3, -1, -3, 0, 1]
+    with pytest.raises(ValueError, match="rounding"):
+        QuantSpec(rounding="up")

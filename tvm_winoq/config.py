@@ -66,6 +66,10 @@ def parse_granularity(text: str | Granularity) -> Granularity:
     raise ConfigError(f"granularity: cannot parse {text!r}; use 'tensor', 'channel' or 'group<N>'")
 
 
+ROUNDINGS: tuple[str, ...] = ("half-even", "half-away")
+"""Round-to-nearest tie rules; compiled kernels implement ``half-even`` (TIR ``nearbyint``)."""
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one stage is quantized: symmetric, ``bits`` wide, one scale per channel group and,
@@ -75,8 +79,11 @@ class QuantSpec:
     per_position: bool = False
     per_row: bool = False
     bits: int = 8
+    rounding: str = "half-even"
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding: must be one of {ROUNDINGS}, got {self.rounding!r}")
         if not isinstance(self.granularity, PerTensor | PerChannel | PerGroup):
             raise ConfigError(
                 f"granularity: expected PerTensor/PerChannel/PerGroup, got {self.granularity!r}"
@@ -210,6 +217,7 @@ def _spec_to_dict(s: QuantSpec) -> dict[str, Any]:
         "per_position": s.per_position,
         "per_row": s.per_row,
         "bits": s.bits,
+        "rounding": s.rounding,
     }
 
 
@@ -224,7 +232,7 @@ def config_from_dict(data: Mapping[str, Any]) -> WinoQConfig:
         if key in ("act", "v", "u", "m", "direct"):
             if not isinstance(val, Mapping):
                 raise ConfigError(f"{key}: expected an object, got {val!r}")
-            extra = set(val) - {"granularity", "per_position", "per_row", "bits"}
+            extra = set(val) - {"granularity", "per_position", "per_row", "bits", "rounding"}
             if extra:
                 raise ConfigError(f"{key}: unknown field(s) {sorted(extra)}")
             kw[key] = QuantSpec(
@@ -232,6 +240,7 @@ def config_from_dict(data: Mapping[str, Any]) -> WinoQConfig:
                 per_position=bool(val.get("per_position", False)),
                 per_row=bool(val.get("per_row", False)),
                 bits=val.get("bits", 8),
+                rounding=val.get("rounding", "half-even"),
             )
         else:
             kw[key] = val

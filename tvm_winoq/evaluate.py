@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import WinoQConfig, groupwise, per_tensor
+from .config import PerChannel, QuantSpec, WinoQConfig, groupwise, per_tensor
 from .convert import quantize_model
 from .finetune import ConvLayer, FinetuneResult, FinetuneSettings, collect_layers, finetune_scales
 from .metrics import sqnr_db
@@ -42,6 +42,12 @@ def standard_methods(tiles: Sequence[int] = (4, 6), groups: Sequence[int] = (16,
             cfg = groupwise(t, g)
             out.append(Method(f"F({t},3) group{g}, standard", "winograd", cfg, "standard"))
             out.append(Method(f"F({t},3) group{g}, learned shared", "winograd", cfg, "learned-shared"))
+        cfg = groupwise(t, 32)
+        out.append(Method(f"F({t},3) group32, learned per-layer", "winograd", cfg, "learned-per-layer"))
+        mch = cfg.with_(m=QuantSpec(PerChannel(), per_position=False, per_row=True))
+        out.append(
+            Method(f"F({t},3) group32 + M per-channel, learned shared", "winograd", mch, "learned-shared")
+        )
     return out
 
 

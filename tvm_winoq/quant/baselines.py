@@ -16,9 +16,9 @@ def quantize_weight_per_channel(weight: torch.Tensor, spec: QuantSpec) -> tuple[
     flat = weight.detach().to(torch.float64).reshape(1, 1, k, -1).permute(0, 1, 3, 2).reshape(1, -1, k)
     s = scale_from_absmax(group_absmax(flat, spec), spec.qmax)  # 1, 1, G
     s_k = expand_groups(s, k, spec.granularity.group_size(k)).reshape(k)
-    return quantize(weight.detach().to(torch.float64), s_k[:, None, None, None], spec.qmax), s_k.to(
-        torch.float32
-    )
+    return quantize(
+        weight.detach().to(torch.float64), s_k[:, None, None, None], spec.qmax, spec.rounding
+    ), s_k.to(torch.float32)
 
 
 def direct_conv2d_int8(

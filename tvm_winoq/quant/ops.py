@@ -53,16 +53,25 @@ def expand_groups(s: torch.Tensor, channels: int, group: int) -> torch.Tensor:
     return s.repeat_interleave(group, dim=-1)[..., :channels]
 
 
-def quantize(t: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+def round_nearest(x: torch.Tensor, rounding: str = "half-even") -> torch.Tensor:
+    """Round to nearest; ties to even (``half-even``) or away from zero (``half-away``)."""
+    r = torch.round(x)
+    if rounding == "half-away":
+        tie = (x - torch.trunc(x)).abs() == 0.5
+        r = torch.where(tie, torch.trunc(x) + torch.sign(x), r)
+    return r
+
+
+def quantize(t: torch.Tensor, scale: torch.Tensor, qmax: int, rounding: str = "half-even") -> torch.Tensor:
     """``clamp(round(t / scale), -qmax, qmax)`` (values stay in ``t``'s float dtype)."""
-    return torch.clamp(torch.round(t / scale), -qmax, qmax)
+    return torch.clamp(round_nearest(t / scale, rounding), -qmax, qmax)
 
 
 def quantize_grouped(t: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``[P, R, C]`` per ``spec``; returns ``(q, group scales [P|1, R|1, G])``."""
     c = t.shape[-1]
     s = scale_from_absmax(group_absmax(t, spec), spec.qmax)
-    return quantize(t, expand_groups(s, c, spec.granularity.group_size(c)), spec.qmax), s
+    return quantize(t, expand_groups(s, c, spec.granularity.group_size(c)), spec.qmax, spec.rounding), s
 
 
 class _RoundSTE(torch.autograd.Function):

@@ -45,11 +45,13 @@ class IntTrace:
     y: torch.Tensor
 
 
-def quantize_input(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_input(
+    x: torch.Tensor, qmax: int, rounding: str = "half-even"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor dynamic quantization of the float32 input: ``(x_q as float32, s_x)``."""
     x = x.to(torch.float32)
     s_x = scale_from_absmax(x.abs().amax(), qmax)
-    return quantize(x, s_x, qmax), s_x
+    return quantize(x, s_x, qmax, rounding), s_x
 
 
 def input_transform_int(x_q: torch.Tensor, plan: WinogradLayerPlan, geo: TileGeometry) -> torch.Tensor:
@@ -107,7 +109,7 @@ def winograd_conv2d_int(
     if x.dim() != 4 or x.shape[1] != plan.in_channels:
         raise ValueError(f"expected input [N, {plan.in_channels}, H, W], got {tuple(x.shape)}")
     geo = geometry(tuple(x.shape), plan.m, 3, plan.padding)
-    x_q, s_x = quantize_input(x, plan.act.qmax)
+    x_q, s_x = quantize_input(x, plan.act.qmax, plan.act.rounding)
     v_int = input_transform_int(x_q, plan, geo)
     v_s = v_int.to(torch.float32) * plan.beta.reshape(-1, 1, 1)
     v_q, s_v = quantize_grouped(v_s, plan.v)
@@ -115,7 +117,7 @@ def winograd_conv2d_int(
     m_f = dequantize_gemm(acc, s_v, plan)
     s_m = scale_from_absmax(group_absmax(m_f, plan.m_spec), plan.m_spec.qmax)
     s_m_k = expand_groups(s_m, plan.out_channels, plan.m_spec.granularity.group_size(plan.out_channels))
-    m_q = quantize(m_f, s_m_k, plan.m_spec.qmax)
+    m_q = quantize(m_f, s_m_k, plan.m_spec.qmax, plan.m_spec.rounding)
     y = output_transform(m_q * s_m_k, plan, geo, x.shape[0]) * s_x
     if plan.bias is not None:
         y = y + plan.bias[None, :, None, None]
