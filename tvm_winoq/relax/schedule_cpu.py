@@ -249,7 +249,10 @@ def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
             sch.decompose_reduction(r, rd[0])
         for c in sch.get_consumers(r):
             sch.reverse_compute_at(c, row)
-    for b in sch.get_child_blocks(root) if root is not None else []:
+            inner_c = sch.get_loops(c)[-1]
+            if _extent(sch, inner_c) % 8 == 0:
+                sch.vectorize(sch.split(inner_c, [None, 8])[1])
+    for b in (sch.get_child_blocks(root) if root is not None and not red else []):
         split = _spatial_reduce_loops(sch, b)
         if split is None or split[1] or len(split[0]) == 0:
             continue
