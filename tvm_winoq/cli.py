@@ -58,6 +58,18 @@ def _cmd_train_fmnist(a: argparse.Namespace) -> None:
     print(f"test top-1 {res['test_accuracy']:.2f}% in {res['seconds']:.0f} s -> {res['checkpoint']}")
 
 
+def _cmd_targets(a: argparse.Namespace) -> None:
+    from .jobs import describe_targets
+
+    print(describe_targets())
+
+
+def _cmd_board(a: argparse.Namespace) -> None:
+    from .jobs import board_command
+
+    print(board_command(a.action, cpu=a.cpu, port=a.port, key=a.key, tracker=a.tracker))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``winoq`` argument parser."""
     p = argparse.ArgumentParser(prog="winoq", description="Data-free group-wise int8 Winograd for TVM")
@@ -96,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("-o", "--out", default=None, help="checkpoint path (default: the registry's)")
     tr.set_defaults(func=_cmd_train_fmnist)
+    tg = sub.add_parser("targets", help="list the target presets")
+    tg.set_defaults(func=_cmd_targets)
+
+    bd = sub.add_parser("board", help="emulated aarch64 board (qemu-user) serving TVM RPC on 127.0.0.1")
+    bd.add_argument("action", choices=["start", "stop", "status"])
+    bd.add_argument("--cpu", default="max", help="qemu -cpu model: max (dotprod, i8mm), cortex-a72, ...")
+    bd.add_argument("--port", type=int, default=9190)
+    bd.add_argument("--key", default="", help="RPC key (when registering with a tracker)")
+    bd.add_argument("--tracker", default=None, help="HOST:PORT of a tracker to register with")
+    bd.set_defaults(func=_cmd_board)
     return p
 
 

@@ -48,3 +48,29 @@ def finetune_model(
     for r in res.report:
         lines.append(f"{r['layer']:40s} {r['sqnr_before_db']:12.2f} {r['sqnr_after_db']:8.2f}")
     return "\n".join(lines)
+
+
+def describe_targets() -> str:
+    """A table of the target presets in ``targets/``."""
+    from .targets import load_presets
+
+    rows = [f"{'preset':18s} {'kind':6s} {'features':26s} {'threads':>7s}  description"]
+    for p in load_presets().values():
+        feats = ",".join(p.features) or "-"
+        rows.append(f"{p.name:18s} {p.kind:6s} {feats:26s} {p.threads:7d}  {p.description}")
+    return "\n".join(rows)
+
+
+def board_command(
+    action: str, cpu: str = "max", port: int = 9190, key: str = "", tracker: str | None = None
+) -> str:
+    """``start`` / ``stop`` / ``status`` of the emulated aarch64 board; returns a printable line."""
+    from . import board
+
+    if action == "start":
+        st = board.board_start(cpu=cpu, port=port, key=key, tracker=tracker)
+        return f"board up: {st}"
+    if action == "stop":
+        pids = board.board_stop(port=port)
+        return f"stopped pids {pids}" if pids else "no board was running"
+    return str(board.board_status(port=port))
