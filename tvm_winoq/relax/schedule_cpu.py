@@ -210,21 +210,15 @@ def _spatial_reduce_loops(sch: Schedule, blk: object) -> tuple[list, list] | Non
 def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Parallel/vectorized schedule of a legalized operator (convolution, pooling, elementwise).
 
-    Injective producers (padding) are inlined; a reduction block gets ``[outer spatial (parallel) |
-    reduction | 4 channels (unrolled) x 8 innermost positions (vectorized)]`` register tiles and its
-    elementwise consumers are computed per parallel row; elementwise blocks are fused, parallel and
-    vectorized.  Any primitive that does not apply is skipped.
+    A reduction block gets ``[outer spatial (parallel) | reduction | 4 channels (unrolled) x 8
+    innermost positions (vectorized)]`` register tiles and its elementwise consumers are computed per
+    parallel row; the remaining elementwise loop nests (padding, activations) are fused, parallel and
+    vectorized.  (Inlining the padding would put a condition in the vectorized inner loop.)
     """
     sch = Schedule(func)
     root = sch.get_sblock("root") if _has_block(sch, "root") else None
     blocks = sch.get_child_blocks(root) if root is not None else []
     red = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
-    for b in blocks:
-        if not any(sch.get(b).same_as(sch.get(r)) for r in red) and sch.get_consumers(b):
-            try:
-                sch.compute_inline(b)
-            except Exception:  # noqa: BLE001 - not inlinable (e.g. reused); leave it
-                pass
     for r in red[:1]:
         split = _spatial_reduce_loops(sch, r)
         if split is None or not split[0]:
@@ -252,7 +246,7 @@ def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
             inner_c = sch.get_loops(c)[-1]
             if _extent(sch, inner_c) % 8 == 0:
                 sch.vectorize(sch.split(inner_c, [None, 8])[1])
-    for b in (sch.get_child_blocks(root) if root is not None and not red else []):
+    for b in (sch.get_child_blocks(root) if root is not None else []):  # elementwise nests at the root
         split = _spatial_reduce_loops(sch, b)
         if split is None or split[1] or len(split[0]) == 0:
             continue
