@@ -21,5 +21,5 @@ def test_iou_and_box_f1():
 def test_psnr_and_agreement():
     a = torch.tensor([0.0, 1.0, 2.0, 4.0])
     assert math.isinf(psnr_db(a, a))
-    assert abs(psnr_db(a, a + 0.04) - 10 * math.log10(16 / 0.0016)) < 1e-6
+    assert abs(psnr_db(a, a + 0.04) - 40.0) < 1e-4  # float32 input: 0.04 is not exact
     assert agreement(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4])) == 75.0

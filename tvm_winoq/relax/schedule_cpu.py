@@ -219,6 +219,9 @@ def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
     root = sch.get_sblock("root") if _has_block(sch, "root") else None
     blocks = sch.get_child_blocks(root) if root is not None else []
     red = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
+    moved = {sch.get(c).name_hint for r in red[:1] for c in sch.get_consumers(r)}
+    flat = [sch.get(b).name_hint for b in blocks if not red or not sch.get(b).same_as(sch.get(red[0]))]
+    flat = [n for n in flat if n not in moved]
     for r in red[:1]:
         split = _spatial_reduce_loops(sch, r)
         if split is None or not split[0]:
@@ -246,7 +249,8 @@ def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
             inner_c = sch.get_loops(c)[-1]
             if _extent(sch, inner_c) % 8 == 0:
                 sch.vectorize(sch.split(inner_c, [None, 8])[1])
-    for b in (sch.get_child_blocks(root) if root is not None else []):  # elementwise nests at the root
+    for name in flat:  # the other loop nests at the root (padding, elementwise): fuse, parallel, vectorize
+        b = sch.get_sblock(name)
         split = _spatial_reduce_loops(sch, b)
         if split is None or split[1] or len(split[0]) == 0:
             continue
