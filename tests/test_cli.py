@@ -56,3 +56,16 @@ def test_bad_finetune_setting_is_reported(capsys):
 def test_argparse_rejects_missing_model():
     with pytest.raises(SystemExit):
         main(["table"])
+
+
+def test_eval_study_writes_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WINOQ_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "study"
+    args = ["eval", "fmnist_resnet", "--tiles", "4", "--groups", "32", "--images", "2", "--limit", "64",
+            "--steps", "5", "-o", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "| FP32 |" in text and "F(4,3) group32, learned per-layer" in text and "top1" in text
+    data = json.loads((out / "study.json").read_text())
+    assert data["rows"][0]["method"] == "FP32" and len(data["rows"]) == 6
+    assert (out / "layer_sqnr.png").stat().st_size > 1000

@@ -70,6 +70,24 @@ def _cmd_board(a: argparse.Namespace) -> None:
     print(board_command(a.action, cpu=a.cpu, port=a.port, key=a.key, tracker=a.tracker))
 
 
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from .finetune import FinetuneSettings
+    from .study import StudySettings, eval_model, study_markdown, write_study
+
+    s = StudySettings(
+        tiles=tuple(a.tiles),
+        groups=tuple(a.groups),
+        images=a.images,
+        size=a.size,
+        test_limit=a.limit,
+        finetune=FinetuneSettings(steps=a.steps, seed=a.seed),
+    )
+    res = eval_model(a.model, s)
+    print(study_markdown(res))
+    if a.out:
+        print(f"wrote {write_study(res, Path(a.out))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``winoq`` argument parser."""
     p = argparse.ArgumentParser(prog="winoq", description="Data-free group-wise int8 Winograd for TVM")
@@ -108,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("-o", "--out", default=None, help="checkpoint path (default: the registry's)")
     tr.set_defaults(func=_cmd_train_fmnist)
+    ev = sub.add_parser("eval", help="fidelity study: per-layer SQNR and task accuracy of every method")
+    ev.add_argument("model")
+    ev.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6])
+    ev.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
+    ev.add_argument("--images", type=int, default=5)
+    ev.add_argument("--size", type=int, default=256)
+    ev.add_argument("--limit", type=int, default=None, help="use only the first N test images")
+    ev.add_argument("--steps", type=int, default=600)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("-o", "--out", default=None, help="folder for study.md / study.json / plots")
+    ev.set_defaults(func=_cmd_eval)
+
     tg = sub.add_parser("targets", help="list the target presets")
     tg.set_defaults(func=_cmd_targets)
 
