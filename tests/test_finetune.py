@@ -100,3 +100,19 @@ def test_settings_validation():
         FinetuneSettings(lr=-1)
     with pytest.raises(ValueError, match="no eligible"):
         finetune_scales([], groupwise(), FinetuneSettings(steps=1), progress=False)
+
+
+def test_tile_choice_respects_budget():
+    from tvm_winoq.tile_choice import choose_tiles, winograd_mac_share
+
+    _, _, layers = _layers()
+    configs = {"f6": groupwise(6, 16), "f4": groupwise(4, 16), "f2": groupwise(2, 16)}
+    scales = {"f6": None, "f4": None, "f2": None}
+    s = FinetuneSettings(spatial=8)
+    lax = choose_tiles(layers, configs, scales, min_sqnr_db=-1e9, settings=s)
+    assert [d.choice for d in lax] == ["f6", "f6"] and winograd_mac_share(lax, ("f6",)) == 1.0
+    strict = choose_tiles(layers, configs, scales, min_sqnr_db=1e9, settings=s)
+    assert [d.choice for d in strict] == ["direct", "direct"] and winograd_mac_share(strict) == 0.0
+    mid_budget = sorted(strict[0].sqnr_db[k] for k in ("f6", "f4", "f2"))[1]
+    mid = choose_tiles(layers[:1], configs, scales, min_sqnr_db=mid_budget, settings=s)
+    assert mid[0].sqnr_db[mid[0].choice] >= mid_budget

@@ -229,7 +229,8 @@ def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
                                                           + 1:]]
         acc = sch.cache_write(r, 0, "local")  # register accumulators
         sp, rd = split
-        lanes = _divisor(_extent(sch, sp[-1]), (8, 4))
+        width = _extent(sch, sp[-1])
+        lanes = width if width <= 16 else _divisor(width, (8, 4, 7, 2))
         wo, wi = sch.split(sp[-1], [None, lanes])
         outer, ci = sp[:-1], None
         if len(outer) >= 2 and _extent(sch, outer[1]) % 4 == 0:
