@@ -91,6 +91,16 @@ def test_learned_scales_nested_groups_and_zero_input():
     assert out["s_x"][0] == 1.0 and not out["v_q"].any()
 
 
+def test_m_scales_spanning_tiles():
+    """M scales shared by all tiles (``per_row=False``): no per-tile fusion, still exact."""
+    cfg = groupwise(tile=2).with_(m=QuantSpec(PerGroup(16), per_position=False, per_row=False))
+    x, plan, y, trace = _case(2, 24, 40, 9, 9, 1, cfg=cfg)
+    assert tuple(trace.s_m.shape) == (1, 1, 3)
+    _check_trace(compile_layer(plan, tuple(x.shape), TARGET, debug=True)(x), y, trace)
+    prod = compile_layer(plan, tuple(x.shape), TARGET)(x)
+    assert np.abs(prod["y"] - y.numpy()).max() <= 1e-5 * np.abs(y.numpy()).max()
+
+
 def test_unsupported_v_layout_is_rejected():
     _, plan, _, _ = _case(4, 8, 8, 6, 6, 1, cfg=per_tensor(tile=4))
     with pytest.raises(ValueError, match="per position and tile"):

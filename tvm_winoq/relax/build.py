@@ -37,7 +37,11 @@ __all__ = ["CompiledModel", "LayerExecutable", "LoadedModel", "compile_layer", "
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
-    """The LLVM target of this machine (``mcpu`` from LLVM's host detection, all cores by default)."""
+    """The LLVM target of this machine (``mcpu`` from LLVM's host detection, all cores by default).
+
+    Note: LLVM detects this development host as ``znver5`` (AVX-512); pass an explicit target such as
+    ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}`` to build for an AVX2-only Zen 3.
+    """
     import os
 
     cfg: dict[str, object] = {"kind": "llvm", "num-cores": num_cores or os.cpu_count() or 1}
@@ -57,8 +61,8 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -
     """Legalize and fuse the Relax ops, and schedule every PrimFunc for ``target``.
 
     Our Winograd kernels get the hand-written schedules of :mod:`.schedule_cpu` (LLVM targets); the
-    legalized remaining operators get dlight's CPU rules where they apply, and a generic
-    parallel/vectorize schedule otherwise.  With ``schedule=False`` everything stays naive TIR.
+    legalized remaining operators get its generic parallel/vectorize schedule, then dlight's CPU rules
+    for what that could not handle.  With ``schedule=False`` everything stays naive TIR.
     """
     with target:
         if schedule and target.kind.name == "llvm":

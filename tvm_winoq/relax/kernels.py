@@ -3,19 +3,22 @@
 One layer runs as three PrimFuncs (all integer stages reproduce :func:`~tvm_winoq.quant.reference.
 winograd_conv2d_int` bit for bit):
 
-``input``   ``x`` [N,C,H,W] f32 -> ``v_q`` [P,T,C] int8, ``s_v`` [P|1,T|1,Gv] f32, ``s_x`` [1] f32
+``input``   ``x`` [N,C,H,W] f32 -> ``v_q`` [P,T,C] int8, ``s_v`` [P,T,Gv] f32, ``s_x`` [1] f32
             (per-tensor input absmax, quantize, zero pad, integer input transform ``BT_int d BT_int^T``,
-            ``* beta``, group-wise quantization of V)
+            ``* beta``, group-wise quantization of V; everything after the padding is per tile)
 ``gemm``    ``v_q``, ``s_v``, ``u_q`` [P,Cp,K] int8, ``s_u`` [P,Gg,K] f32 -> ``m_f`` [P,T,K] f32
             (group-wise int8 x int8 -> int32 GEMM per Winograd position, fma-chain dequantization)
 ``output``  ``m_f``, ``s_x``, ``bias`` [K] f32 -> ``y`` [N,K,OH,OW] f32
-            (group-wise quantization of M, output transform ``AT_s M AT_s^T``, ``* s_x + bias``)
+            (group-wise quantization of M with ``s_m`` [P|1,T|1,Gm], output transform
+            ``AT_s (M_q s_m) AT_s^T``, ``* s_x + bias``)
 
 With ``debug=True`` the integer intermediates are extra outputs: the gemm also returns ``acc``
 [P,T,K,Gg] int32 (before ``m_f``) and the output kernel returns ``m_q`` [P,T,K] and ``s_m`` (before ``y``).
 The transform matrices are baked into the kernels as immediates (``Select`` over the row index, which
 folds away once a schedule unrolls the row loops); ``u_q``/``s_u``/``bias`` are runtime arguments
-(compile-time constants of the Relax program), laid out by :func:`layer_constants`.
+(compile-time constants of the Relax program), laid out by :func:`layer_constants`.  Group absmaxes
+are two-stage (8 partial maxima, then their max) so they vectorize; a partial last channel group is
+handled by clamping the channel index (no predicates, so every loop nest stays affine and schedulable).
 """
 
 from __future__ import annotations
@@ -329,8 +332,7 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     p, t, c, k = spec.positions, spec.tiles, spec.in_channels, spec.out_channels
     gg, ng = spec.gemm_group, spec.gemm_groups
     cp = gg * ng
-    pv, tv, gv = spec.sv_shape
-    on_p, on_t, gsv = int(spec.v.per_position), int(spec.v.per_row), spec.v.group
+    gv, gsv = spec.sv_shape[2], spec.v.group  # V scales are per (position, tile)
     vq_dt = spec.v.dtype
 
     @T.macro
@@ -350,11 +352,11 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                     mf[v0, v1, v2] = T.float32(0)
                 mf[v0, v1, v2] = T.fma(
                     T.Cast("float32", acc[v0, v1, v2, v3]),
-                    sv[v0 * on_p, v1 * on_t, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
+                    sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
 
     if debug:
         @T.prim_func(s_tir=True, private=True)
-        def winoq_gemm_debug(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((pv, tv, gv), "float32"),
+        def winoq_gemm_debug(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
                              uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
                              acc: T.Buffer((p, t, k, ng), "int32"), mf: T.Buffer((p, t, k), "float32")):
             T.func_attr({"tir.noalias": True})
@@ -363,7 +365,7 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         return winoq_gemm_debug
 
     @T.prim_func(s_tir=True, private=True)
-    def winoq_gemm(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((pv, tv, gv), "float32"),
+    def winoq_gemm(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
                    uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
                    mf: T.Buffer((p, t, k), "float32")):
         T.func_attr({"tir.noalias": True})
@@ -381,8 +383,8 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     pm, tm, gm = spec.sm_shape
     rp, rt, gs = p // pm, t // tm, spec.m_quant.group
     lm = _lanes(gs)
-    on_p, on_t, qm, mq_dt = int(spec.m_quant.per_position), int(spec.m_quant.per_row), spec.m_quant.qmax, \
-        spec.m_quant.dtype
+    on_p, on_t = int(spec.m_quant.per_position), int(spec.m_quant.per_row)
+    qm, mq_dt = spec.m_quant.qmax, spec.m_quant.dtype
     at = spec.at_s
 
     def rows(a: tirx.PrimExpr, mq: tirx.Buffer, sm: tirx.Buffer, j: tirx.PrimExpr, tt: tirx.PrimExpr,
@@ -407,8 +409,9 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                 v0, v1, v2, v3, v4, v5, v6 = T.axis.remap("SSSSRRR", [i0, i1, i2, i3, i4, i5, i6])
                 with T.init():
                     mlane[v0, v1, v2, v3] = T.float32(0)
-                mlane[v0, v1, v2, v3] = T.max(mlane[v0, v1, v2, v3], T.fabs(
-                    mf[_join(v0, v4, pm, rp), _join(v1, v5, tm, rt), _clamp_index(v2 * gs + v6 * lm + v3, k, gm * gs)]))
+                mlane[v0, v1, v2, v3] = T.max(mlane[v0, v1, v2, v3], T.fabs(mf[
+                    _join(v0, v4, pm, rp), _join(v1, v5, tm, rt),
+                    _clamp_index(v2 * gs + v6 * lm + v3, k, gm * gs)]))
         for i0, i1, i2, i3 in T.grid(pm, tm, gm, lm):
             with T.sblock("m_absmax"):
                 v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])

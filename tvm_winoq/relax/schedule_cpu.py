@@ -225,8 +225,8 @@ def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
         split = _spatial_reduce_loops(sch, r)
         if split is None or not split[0]:
             continue
-        after = [sch.get(b).name_hint for b in blocks[[sch.get(b).same_as(sch.get(r)) for b in blocks].index(True)
-                                                          + 1:]]
+        pos = [sch.get(b).same_as(sch.get(r)) for b in blocks].index(True)
+        after = [sch.get(b).name_hint for b in blocks[pos + 1:]]
         acc = sch.cache_write(r, 0, "local")  # register accumulators
         sp, rd = split
         width = _extent(sch, sp[-1])

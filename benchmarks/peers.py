@@ -1,0 +1,623 @@
+"""Single 3x3 stride-1 pad-1 conv layers (batch 1): our int8 Winograd against CPU peers, timed interleaved.
+
+An implementation is a factory ``factory(x, w, b, threads) -> call``; ``call()`` returns the float32
+NCHW output as numpy and is what a user runs (float in, float out, quantize/dequantize included).  Each
+output is first checked against a float64 PyTorch conv (SQNR, dB); a row below its floor is INVALID and
+is not timed.  Timing is round-robin over implementations per repetition (start rotated every round),
+so drift and the neighbours' load hit every implementation alike.  See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# TVM sizes its pool from this (else from a guess that halves the cores) when it first runs a kernel.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+Call = Callable[[], np.ndarray]
+Factory = Callable[[np.ndarray, np.ndarray, np.ndarray, int], Call]
+DEFAULT_SHAPES = ("64@56", "128@28", "256@14", "512@7", "320@64", "640@32")
+_STATE: dict[str, Any] = {"passive": False, "tvm_threads": None, "tvm": {}}
+
+
+class Unavailable(RuntimeError):
+    """Raised by a factory when its backend cannot run here (the row is reported as skipped)."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    """A registered implementation: factory, SQNR floor (dB vs FP32), one-line note."""
+
+    name: str
+    factory: Factory
+    min_sqnr_db: float
+    note: str = ""
+
+
+_REGISTRY: dict[str, Impl] = {}
+
+
+def register_impl(name: str, factory: Factory, *, min_sqnr_db: float = 25.0, note: str = "") -> None:
+    """Register (or replace) an implementation.
+
+    Parameters
+    ----------
+    name : str
+        Row label, e.g. ``"ours-f4"``.
+    factory : callable
+        ``factory(x, w, b, threads)`` with float32 numpy ``x`` [1, C, H, W], ``w`` [K, C, 3, 3], ``b`` [K]
+        returns a zero-argument callable producing the [1, K, H, W] float32 output.  Do the offline work
+        (weight packing, compilation) in the factory; raise :class:`Unavailable` if it cannot run here.
+    min_sqnr_db : float
+        Output SQNR vs the float64 reference below which the row is INVALID (not timed).
+    note : str
+        Shown in the report.
+    """
+    _REGISTRY[name] = Impl(name, factory, float(min_sqnr_db), note)
+
+
+def unregister_impl(name: str) -> None:
+    """Remove ``name`` from the registry (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered_impls() -> list[str]:
+    """Registered names, in registration order."""
+    return list(_REGISTRY)
+
+
+def set_wait_policy(passive: bool) -> None:
+    """Make idle worker threads sleep instead of spin (OpenMP, TVM pool, ONNX Runtime) or restore defaults.
+
+    On a loaded machine with few cores a spinning worker steals the core its partner needs: libgomp's
+    default spin made 2-thread torch/ncnn runs 50-100x slower here.  Call before ``import torch`` /
+    ``ncnn`` (libgomp reads ``OMP_WAIT_POLICY`` when it loads).
+    """
+    for lib in ("torch", "ncnn", "tvm"):
+        if lib in sys.modules and passive != _STATE["passive"]:
+            warnings.warn(f"set_wait_policy after importing {lib}: it may ignore it", stacklevel=2)
+    for var, val in (("OMP_WAIT_POLICY", "PASSIVE"), ("TVM_THREAD_POOL_SPIN_COUNT", "0")):
+        if passive:
+            os.environ[var] = val
+        elif os.environ.get(var) == val:
+            del os.environ[var]
+    _STATE["passive"] = passive
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A 3x3 s1 p1 conv: ``c`` -> ``k`` channels on ``h`` x ``w``."""
+
+    c: int
+    k: int
+    h: int
+    w: int
+
+    @property
+    def label(self) -> str:
+        return ("{}" if self.c == self.k else "{}x" + str(self.k)).format(self.c) + (
+            f"@{self.h}" if self.h == self.w else f"@{self.h}x{self.w}")
+
+    @property
+    def ops(self) -> int:
+        """``2*C*K*H*W*9`` (a multiply-add is 2 ops)."""
+        return 2 * self.c * self.k * self.h * self.w * 9
+
+
+def parse_shape(text: str) -> Shape:
+    """Parse ``C@H``, ``C@HxW`` or ``CxK@H[xW]`` (e.g. ``64@56``)."""
+    m = re.fullmatch(r"(\d+)(?:x(\d+))?@(\d+)(?:x(\d+))?", text.strip())
+    if not m:
+        raise ValueError(f"bad shape {text!r}: expected C@H, C@HxW or CxK@H[xW]")
+    c, k, h, w = m.groups()
+    return Shape(int(c), int(k or c), int(h), int(w or h))
+
+
+def make_layer(shape: Shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded float32 ``x`` ~ N(0, 1), He-initialised ``w``, bias ~ N(0, 0.1^2)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, shape.c, shape.h, shape.w), dtype=np.float32)
+    w = rng.standard_normal((shape.k, shape.c, 3, 3), dtype=np.float32) * np.float32((4.5 * shape.c) ** -0.5)
+    return x, w, rng.standard_normal(shape.k, dtype=np.float32) * np.float32(0.1)
+
+
+def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """The conv in PyTorch, float64 unless ``dtype`` (the reference all outputs are checked against)."""
+    import torch
+
+    t = [torch.from_numpy(a).to(dtype or torch.float64) for a in (x, w, b)]
+    with torch.inference_mode():
+        return torch.nn.functional.conv2d(*t, padding=1).numpy()
+
+
+def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
+    """``10 log10(|ref|^2 / |ref - y|^2)`` (``inf`` if equal, ``-inf`` on shape mismatch or non-finite)."""
+    ref64, y64 = np.asarray(ref, np.float64), np.asarray(y, np.float64)
+    if ref64.shape != y64.shape or not np.isfinite(y64).all():
+        return -math.inf
+    noise = float(np.square(ref64 - y64).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(np.square(ref64).sum()) / noise)
+
+
+def _uint8_qparams(a: np.ndarray) -> tuple[float, int]:
+    lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)  # min/max calibration, 0 representable
+    scale = max(hi - lo, 1e-8) / 255.0
+    return scale, int(np.clip(round(-lo / scale), 0, 255))
+
+
+def _per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.maximum(np.abs(w).reshape(w.shape[0], -1).max(1), 1e-12).astype(np.float32) / np.float32(127)
+    return np.clip(np.round(w / scale[:, None, None, None]), -127, 127).astype(np.int8), scale
+
+
+# -------------------------------------------------------------------------------------------- peers
+
+
+def _torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def torch_fp32(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int) -> Call:
+    """``torch.nn.functional.conv2d`` in float32 (``torch.set_num_threads``)."""
+    import torch
+
+    xt, wt, bt = (torch.from_numpy(a) for a in (x, w, b))
+
+    def call() -> np.ndarray:
+        _torch_threads(threads)
+        with torch.inference_mode():
+            return torch.nn.functional.conv2d(xt, wt, bt, padding=1).numpy()
+
+    return call
+
+
+def torch_int8(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int) -> Call:
+    """PyTorch quantized conv (x86, else fbgemm engine): quantize -> ``quantized::conv2d`` -> dequantize.
+
+    ``torch.ao.nn.quantized.functional.conv2d`` with its per-call weight prepack hoisted out (as the
+    ``quantized.Conv2d`` module does); per-channel int8 weights, uint8 activations, input and output
+    scales calibrated (min/max) on this input and its FP32 output.
+    """
+    import torch
+
+    engine = next((e for e in ("x86", "fbgemm") if e in torch.backends.quantized.supported_engines), None)
+    if engine is None:
+        raise Unavailable(f"no x86/fbgemm quantized engine ({torch.backends.quantized.supported_engines})")
+    torch.backends.quantized.engine = engine
+    wq, ws = _per_channel_int8(w)
+    (xs, xz), (ys, yz) = _uint8_qparams(x), _uint8_qparams(reference_conv(x, w, b, torch.float32))
+    xt = torch.from_numpy(x)
+    with warnings.catch_warnings():  # quantized tensor constructors are deprecated (still the API)
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(torch.from_numpy(wq), torch.from_numpy(ws).double(),
+                                                      torch.zeros(w.shape[0], dtype=torch.long), 0)
+        packed = torch.ops.quantized.conv2d_prepack(qw, torch.from_numpy(b), [1, 1], [1, 1], [1, 1], 1)
+
+        def call() -> np.ndarray:
+            _torch_threads(threads)
+            qx = torch.quantize_per_tensor(xt, xs, xz, torch.quint8)
+            return torch.ops.quantized.conv2d(qx, packed, ys, yz).dequantize().numpy()
+
+        call()  # the once-per-process deprecation warning fires here, silenced
+    return call
+
+
+def ort_int8(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int) -> Call:
+    """ONNX Runtime: QuantizeLinear -> QLinearConv (u8 x, per-channel s8 w, s32 bias) -> DequantizeLinear."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as e:
+        raise Unavailable(f"onnx/onnxruntime not installed: {e}") from e
+    k = w.shape[0]
+    wq, ws = _per_channel_int8(w)
+    (xs, xz), (ys, yz) = _uint8_qparams(x), _uint8_qparams(reference_conv(x, w, b))
+    consts = {"xs": np.float32(xs), "xz": np.uint8(xz), "ys": np.float32(ys), "yz": np.uint8(yz), "wq": wq,
+              "ws": ws, "wz": np.zeros(k, np.int8), "bq": np.round(b / (xs * ws)).astype(np.int32)}
+    qconv = ["xq", "xs", "xz", "wq", "ws", "wz", "ys", "yz", "bq"]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("QLinearConv", qconv, ["yq"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "conv3x3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k, *x.shape[2:]])],
+        [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    if _STATE["passive"]:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {"x": x}
+    return lambda: sess.run(None, feed)[0]
+
+
+def ncnn_files(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[str, bytes]:
+    """ncnn ``.param`` text and ``.bin`` bytes of one int8 ``Convolution`` layer (fp32 in, fp32 out).
+
+    Params ``0=K 1=3 3=1 4=1 5=1 6=K*C*9 8=1``: num_output, kernel 3, stride 1, pad 1, bias, weight size,
+    int8_scale_term.  Bin: tag ``0x000D4B38`` (int8 array) + int8 weights padded to 4 bytes, float32
+    bias [K], ``weight_data_int8_scales`` [K], ``bottom_blob_int8_scales`` [1].  ncnn scales multiply
+    (``q = round(v * s)``): ``127 / absmax`` per output channel, and on ``x`` for the input.
+    """
+    _, c, h, wd = x.shape
+    k = w.shape[0]
+    wq, ws = _per_channel_int8(w)
+    param = (f"7767517\n2 2\nInput in0 0 1 in0 0={wd} 1={h} 2={c}\n"
+             f"Convolution conv0 1 1 in0 out0 0={k} 1=3 3=1 4=1 5=1 6={k * c * 9} 8=1\n")
+    scales = np.concatenate([1.0 / ws, [127.0 / max(float(np.abs(x).max()), 1e-12)]]).astype("<f4")
+    raw = wq.tobytes()
+    return param, b"".join([struct.pack("<I", 0x000D4B38), raw, b"\0" * (-len(raw) % 4),
+                            b.astype("<f4").tobytes(), scales.tobytes()])
+
+
+def ncnn_int8(winograd: str | None) -> Factory:
+    """ncnn int8 ``Convolution``: ``winograd`` ``"43"``/``"23"`` forces F(4,3)/F(2,3), ``None`` disables it.
+
+    Without Winograd ncnn runs its im2col + int8 GEMM path (``use_sgemm_convolution``, the default).
+    ``num_threads`` is set before loading: ncnn fixes its int8 GEMM tiling at pipeline creation.
+    """
+
+    def factory(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int) -> Call:
+        try:
+            import ncnn
+        except ImportError as e:
+            raise Unavailable(f"ncnn not installed: {e}") from e
+        net = ncnn.Net()
+        opt = net.opt
+        opt.use_vulkan_compute, opt.use_int8_inference, opt.num_threads = False, True, threads
+        opt.use_winograd_convolution = winograd is not None
+        opt.use_winograd23_convolution = winograd == "23"
+        opt.use_winograd43_convolution = winograd == "43"
+        opt.use_winograd63_convolution = False  # ncnn has no int8 F(6,3)
+        param, weights = ncnn_files(x, w, b)
+        with tempfile.TemporaryDirectory() as tmp:  # loading from a file copies the weights
+            (p := Path(tmp, "conv.param")).write_text(param)
+            (m := Path(tmp, "conv.bin")).write_bytes(weights)
+            if net.load_param(str(p)) or net.load_model(str(m)):
+                raise RuntimeError("ncnn could not load the generated int8 conv")
+        x3 = np.ascontiguousarray(x[0])
+
+        def call() -> np.ndarray:
+            ex = net.create_extractor()
+            ex.input("in0", ncnn.Mat(x3))
+            ret, out = ex.extract("out0")
+            if ret != 0:
+                raise RuntimeError(f"ncnn extract failed ({ret})")
+            return np.array(out)[None]
+
+        call.net = net  # type: ignore[attr-defined]  # the net lives as long as the callable
+        return call
+
+    return factory
+
+
+def tvm_winoq(tile: int, group: int = 32) -> Factory:
+    """Ours: ``tvm_winoq.relax.build.compile_model`` on one ``nn.Conv2d``, ``groupwise(tile, group)``.
+
+    Built once per (tile, shape, weights) for ``host_target()``; threads via TVM's pool.  Default
+    (not finetuned) scales.  Any import/build problem of the in-progress module makes the row skipped.
+    """
+
+    def factory(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int) -> Call:
+        try:
+            import torch
+            import tvm
+
+            from tvm_winoq.config import groupwise
+            from tvm_winoq.relax.build import compile_model, host_target
+        except Exception as e:  # noqa: BLE001
+            raise Unavailable(f"tvm_winoq.relax.build not usable: {type(e).__name__}: {e}") from e
+        cache = _STATE["tvm"]
+        key = (tile, group, x.shape, hash(w.tobytes()), hash(b.tobytes()))
+        if key not in cache:
+            conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.from_numpy(w))
+                conv.bias.copy_(torch.from_numpy(b))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cm = compile_model(torch.nn.Sequential(conv).eval(), torch.from_numpy(x),
+                                   groupwise(tile=tile, group=group), target=host_target())
+            if not any(r.rewritten for r in cm.records):
+                raise Unavailable(f"the conv was not rewritten to Winograd: {cm.records}")
+            while len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = cm.runner()
+        runner = cache[key]
+
+        def call() -> np.ndarray:
+            if _STATE["tvm_threads"] != threads:
+                tvm.get_global_func("runtime.config_threadpool")(1, threads)
+                _STATE["tvm_threads"] = threads
+            return runner(x)
+
+        return call
+
+    return factory
+
+
+register_impl("torch-fp32", torch_fp32, min_sqnr_db=60.0, note="torch.nn.functional.conv2d, float32")
+register_impl("torch-int8", torch_int8, note="quantize -> quantized::conv2d (x86 engine, prepacked) -> DQ")
+register_impl("ort-int8", ort_int8, note="onnxruntime QuantizeLinear -> QLinearConv (u8s8) -> DQ")
+register_impl("ncnn-int8-wino43", ncnn_int8("43"), note="ncnn int8 Convolution, Winograd F(4,3) forced")
+register_impl("ncnn-int8-wino23", ncnn_int8("23"), note="ncnn int8 Convolution, Winograd F(2,3) forced")
+register_impl("ncnn-int8-direct", ncnn_int8(None), note="ncnn int8 Convolution, Winograd off (im2col + GEMM)")
+register_impl("ours-f4", tvm_winoq(4), note="tvm_winoq compile_model, groupwise(tile=4, group=32)")
+register_impl("ours-f6", tvm_winoq(6), note="tvm_winoq compile_model, groupwise(tile=6, group=32)")
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    """Per-call seconds (``number`` calls per sample) and process CPU time / wall time."""
+
+    samples_s: list[float]
+    number: int
+    cpu_per_wall: float
+
+
+def time_interleaved(calls: Mapping[str, Call], repeat: int, *, warmup: int = 2, min_sample_s: float = 2e-3,
+                     budget_s: float | None = None, min_repeat: int = 5,
+                     gap_s: float = 0.0) -> dict[str, Timing]:
+    """Time ``calls`` round-robin: every repetition runs each callable once, starting one later each round.
+
+    Parameters
+    ----------
+    calls : mapping of str to zero-argument callable
+    repeat : int
+        Samples per callable; lowered to fit ``budget_s`` (never below ``min_repeat``).
+    warmup : int
+        Untimed rounds; the fastest warmup call sets ``number``, the calls per sample that make one
+        sample last at least ``min_sample_s``.
+    budget_s : float, optional
+        Wall-clock budget of the timed rounds.
+    min_repeat : int
+        Floor of the budget-lowered repeat.
+    gap_s : float
+        Sleep before each sample (outside the timed region).
+
+    Returns
+    -------
+    dict of str to Timing
+    """
+    names = list(calls)
+    best = dict.fromkeys(names, math.inf)
+    for _ in range(max(warmup, 1)):
+        for n in names:
+            t0 = time.perf_counter()
+            calls[n]()
+            best[n] = min(best[n], time.perf_counter() - t0)
+    number = {n: max(1, min(1000, math.ceil(min_sample_s / max(best[n], 1e-9)))) for n in names}
+    reps = repeat
+    if budget_s is not None:
+        per_round = sum(best[n] * number[n] + gap_s for n in names)
+        reps = max(min(min_repeat, repeat), min(repeat, int(budget_s / max(per_round, 1e-9))))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    cpu = dict.fromkeys(names, 0.0)
+    for r in range(reps):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            if gap_s:
+                time.sleep(gap_s)
+            fn, k = calls[n], number[n]
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[n].append((time.perf_counter() - t0) / k)
+            cpu[n] += time.process_time() - c0
+    return {n: Timing(samples[n], number[n], cpu[n] / max(sum(samples[n]) * number[n], 1e-12)) for n in names}
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+
+
+@dataclass
+class Row:
+    """One (shape, threads, impl) result; ``speedup[p]`` = median of ``p`` / this row's median."""
+
+    shape: str
+    threads: int
+    impl: str
+    status: str  # ok | invalid | skipped | error
+    reason: str = ""
+    sqnr_db: float | None = None
+    gop: float = 0.0
+    median_ms: float | None = None
+    min_ms: float | None = None
+    gops: float | None = None
+    cpu_per_wall: float | None = None
+    samples_ms: list[float] = field(default_factory=list)
+    speedup: dict[str, float] = field(default_factory=dict)
+
+
+def _build_and_check(impl: Impl, x: np.ndarray, w: np.ndarray, b: np.ndarray, ref: np.ndarray,
+                     row: Row) -> Call | None:
+    try:
+        call = impl.factory(x, w, b, row.threads)
+        y = np.asarray(call())
+    except Unavailable as e:
+        row.status, row.reason = "skipped", str(e)
+        return None
+    except Exception as e:  # noqa: BLE001  (a broken peer must not take the run down)
+        row.status, row.reason = "error", f"{type(e).__name__}: {e}"[:300]
+        return None
+    row.sqnr_db = round(max(min(sqnr_db(ref, y), 999.0), -999.0), 2)
+    if row.sqnr_db < impl.min_sqnr_db:
+        row.status = "invalid"
+        row.reason = (f"output shape {y.shape} != {ref.shape}, " if y.shape != ref.shape else "") + (
+            f"SQNR {row.sqnr_db:.1f} dB < {impl.min_sqnr_db:g} dB")
+        print(f"!!! INVALID {impl.name} {row.shape} threads={row.threads}: {row.reason}", file=sys.stderr)
+    return call
+
+
+def run_benchmark(shapes: Iterable[Shape | str], threads: Sequence[int] = (1, 2),
+                  impls: Sequence[str] | None = None, *, repeat: int = 20, budget_s: float | None = 15.0,
+                  seed: int = 0, gap_s: float = 2e-3, time_invalid: bool = False,
+                  verbose: bool = True) -> dict[str, Any]:
+    """Check, then time interleaved, every implementation on every shape and thread count.
+
+    Parameters
+    ----------
+    shapes : iterable of Shape or str
+        e.g. ``["64@56", "128@28"]``.
+    threads : sequence of int
+    impls : sequence of str, optional
+        Registered names (default: all registered).
+    repeat, budget_s, gap_s
+        Passed to :func:`time_interleaved` for each (shape, threads) group.
+    seed : int
+        Seed of :func:`make_layer`.
+    time_invalid : bool
+        Also time INVALID rows (they stay marked INVALID).
+    verbose : bool
+        One progress line per group on stderr.
+
+    Returns
+    -------
+    dict
+        ``{"meta": {...}, "rows": [Row as dict, ...]}``, JSON-ready; see :func:`to_markdown`.
+    """
+    names = list(impls or registered_impls())
+    if unknown := [n for n in names if n not in _REGISTRY]:
+        raise KeyError(f"unknown implementation(s) {unknown}; registered: {registered_impls()}")
+    meta = system_info() | {"repeat": repeat, "budget_s": budget_s, "seed": seed, "gap_s": gap_s,
+                            "impls": {n: _REGISTRY[n].note for n in names}}
+    rows: list[Row] = []
+    for shape in (parse_shape(s) if isinstance(s, str) else s for s in shapes):
+        x, w, b = make_layer(shape, seed)
+        ref = reference_conv(x, w, b)
+        for t in threads:
+            group = [Row(shape.label, t, n, "ok", gop=shape.ops / 1e9) for n in names]
+            calls = {r.impl: c for r in group if (c := _build_and_check(_REGISTRY[r.impl], x, w, b, ref, r))
+                     and (r.status == "ok" or time_invalid)}
+            timings = time_interleaved(calls, repeat, budget_s=budget_s, gap_s=gap_s) if calls else {}
+            for r in group:
+                if tm := timings.get(r.impl):
+                    med = float(np.median(tm.samples_s))
+                    r.median_ms, r.min_ms, r.gops = med * 1e3, min(tm.samples_s) * 1e3, shape.ops / med / 1e9
+                    r.cpu_per_wall, r.samples_ms = round(tm.cpu_per_wall, 2), [s * 1e3 for s in tm.samples_s]
+            for r in group:
+                r.speedup = {p.impl: round(p.median_ms / r.median_ms, 3) for p in group
+                             if r.median_ms and p.median_ms and p is not r and p.status == "ok"}
+            if verbose:
+                cells = [f"{r.impl}={r.median_ms:.3f}ms" if r.median_ms else f"{r.impl}={r.status}"
+                         for r in group]
+                print(f"{shape.label} threads={t}: " + " ".join(cells), file=sys.stderr, flush=True)
+            rows += group
+            del calls, timings
+    meta["loadavg_after"] = list(os.getloadavg())
+    return {"meta": meta, "rows": [asdict(r) for r in rows]}
+
+
+# -------------------------------------------------------------------------------------------- report
+
+_ISA = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+        "avx512_fp16", "amx_int8")
+
+
+def system_info() -> dict[str, Any]:
+    """Date, CPU model (``lscpu``), int8-relevant ISA flags, cores, load average, waits, versions."""
+    from importlib import metadata
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)}
+    flags = set(info.get("Flags", "").split())
+    if not flags and Path("/proc/cpuinfo").exists():
+        found = re.findall(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        flags = set(found[0].split()) if found else set()
+    versions = {}
+    for dist in ("numpy", "torch", "onnxruntime", "onnx", "ncnn", "apache-tvm"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": info.get("Model name", platform.processor()),
+            "cpu_family_model": f"{info.get('CPU family', '?')}/{info.get('Model', '?')}",
+            "cores": os.cpu_count(),
+            "isa": [f for f in _ISA if f in flags],
+            "int8_dot": next((f for f in ("avx512_vnni", "avx_vnni") if f in flags), "none (AVX2 at most)"),
+            "loadavg_before": list(os.getloadavg()), "passive_wait": _STATE["passive"],
+            "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
+
+
+def _cell(r: Mapping[str, Any]) -> str:
+    if r["status"] in ("skipped", "error"):
+        return r["status"]
+    bad = f"INVALID {r['sqnr_db']:.0f} dB" if r["status"] == "invalid" else ""
+    return f"{r['median_ms']:.3f} {bad}".strip() if r["median_ms"] else bad
+
+
+def to_markdown(result: Mapping[str, Any]) -> str:
+    """Render :func:`run_benchmark` output: machine, median-ms matrix, details with ratios, notes."""
+    meta, rows = result["meta"], result["rows"]
+    names = list(dict.fromkeys(r["impl"] for r in rows))
+    groups: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["threads"]), {})[r["impl"]] = r
+    load = f"{meta['loadavg_before'][0]:.2f} / {meta.get('loadavg_after', [math.nan])[0]:.2f}"
+    out = [f"# 3x3 s1 p1 conv layers, batch 1: int8 peers ({meta['date'][:10]})", "",
+           f"- CPU: {meta['cpu']} (family/model {meta['cpu_family_model']}), {meta['cores']} cores; "
+           f"ISA: {' '.join(meta['isa'])}; int8 dot product: {meta['int8_dot']}",
+           f"- 1-min load average before / after: {load}; passive wait (idle threads sleep): "
+           f"{meta['passive_wait']}",
+           "- " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
+           f"- interleaved round-robin, <= {meta['repeat']} samples per row (budget {meta['budget_s']} s per "
+           f"shape x threads), seed {meta['seed']}; GOP/s = 2*C*K*H*W*9 / median",
+           "- SQNR vs a float64 PyTorch conv; INVALID rows are not timed unless asked; "
+           "`vs X` = median of X / median of the row (> 1: the row is faster)", "", "## Median ms", "",
+           "| shape | threads | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for (shape, t), g in groups.items():
+        out.append(f"| {shape} | {t} | " + " | ".join(_cell(g[n]) if n in g else "" for n in names) + " |")
+    head = ["shape", "thr", "impl", "status", "SQNR dB", "median ms", "min ms", "GOP/s", "cpu/wall"]
+    out += ["", "## Details", "", "| " + " | ".join(head + [f"vs {n}" for n in names]) + " |",
+            "|---" * (len(head) + len(names)) + "|"]
+    for (shape, t), g in groups.items():
+        for n, r in g.items():
+            num = [f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['gops']:.0f}",
+                   f"{r['cpu_per_wall']:.2f}"] if r["median_ms"] else [""] * 4
+            vs = [f"{r['speedup'][p]:.2f}x" if p in r["speedup"] else "" for p in names]
+            sq = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+            out.append(f"| {shape} | {t} | {n} | {r['status']} | {sq} | " + " | ".join(num + vs) + " |")
+    out += ["", "## Implementations", ""] + [f"- `{n}`: {d}" for n, d in meta["impls"].items()]
+    notes = sorted({f"- `{r['impl']}` {r['shape']} threads={r['threads']}: {r['status']}: {r['reason']}"
+                    for r in rows if r["status"] != "ok"})
+    return "\n".join(out + (["", "## Not ok", ""] + notes if notes else []) + [""])
+
+
+def save_results(result: Mapping[str, Any], json_path: str | Path | None = None,
+                 md_path: str | Path | None = None) -> None:
+    """Write :func:`run_benchmark` output as JSON and/or Markdown (creating parent folders)."""
+    for path, render in ((json_path, lambda: json.dumps(result, indent=1)),
+                         (md_path, lambda: to_markdown(result))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(render())
