@@ -204,13 +204,13 @@ def torch_int8(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int) -> Cal
     if engine is None:
         raise Unavailable(f"no x86/fbgemm quantized engine ({torch.backends.quantized.supported_engines})")
     torch.backends.quantized.engine = engine
-    wq, ws = _per_channel_int8(w)
+    _, ws = _per_channel_int8(w)
     (xs, xz), (ys, yz) = _uint8_qparams(x), _uint8_qparams(reference_conv(x, w, b, torch.float32))
     xt = torch.from_numpy(x)
     with warnings.catch_warnings():  # quantized tensor constructors are deprecated (still the API)
         warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(torch.from_numpy(wq), torch.from_numpy(ws).double(),
-                                                      torch.zeros(w.shape[0], dtype=torch.long), 0)
+        qw = torch.quantize_per_channel(torch.from_numpy(w), torch.from_numpy(ws).double(),
+                                        torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
         packed = torch.ops.quantized.conv2d_prepack(qw, torch.from_numpy(b), [1, 1], [1, 1], [1, 1], 1)
 
         def call() -> np.ndarray:
@@ -520,7 +520,8 @@ def run_benchmark(shapes: Iterable[Shape | str], threads: Sequence[int] = (1, 2)
                 if tm := timings.get(r.impl):
                     med = float(np.median(tm.samples_s))
                     r.median_ms, r.min_ms, r.gops = med * 1e3, min(tm.samples_s) * 1e3, shape.ops / med / 1e9
-                    r.cpu_per_wall, r.samples_ms = round(tm.cpu_per_wall, 2), [s * 1e3 for s in tm.samples_s]
+                    r.cpu_per_wall = round(tm.cpu_per_wall, 2)
+                    r.samples_ms = [round(s * 1e3, 4) for s in tm.samples_s]
             for r in group:
                 r.speedup = {p.impl: round(p.median_ms / r.median_ms, 3) for p in group
                              if r.median_ms and p.median_ms and p is not r and p.status == "ok"}
@@ -593,18 +594,22 @@ def to_markdown(result: Mapping[str, Any]) -> str:
            f"- interleaved round-robin, <= {meta['repeat']} samples per row (budget {meta['budget_s']} s per "
            f"shape x threads), seed {meta['seed']}; GOP/s = 2*C*K*H*W*9 / median",
            "- SQNR vs a float64 PyTorch conv; INVALID rows are not timed unless asked; "
-           "`vs X` = median of X / median of the row (> 1: the row is faster)", "", "## Median ms", "",
-           "| shape | threads | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+           "`vs X` = median of X / median of the row (> 1: the row is faster); cpu/wall below the thread "
+           "count means the threads did not get the cores", "", "## Median ms", "",
+           "| shape | threads | " + " | ".join(names) + " | fastest |", "|---" * (len(names) + 3) + "|"]
     for (shape, t), g in groups.items():
-        out.append(f"| {shape} | {t} | " + " | ".join(_cell(g[n]) if n in g else "" for n in names) + " |")
+        best = min((r for r in g.values() if r["status"] == "ok"), key=lambda r: r["median_ms"], default=None)
+        out.append(f"| {shape} | {t} | " + " | ".join(_cell(g[n]) if n in g else "" for n in names)
+                   + f" | {best['impl'] if best else ''} |")
+    refs = [n for n in names if any(r["impl"] == n and r["status"] == "ok" for r in rows)]
     head = ["shape", "thr", "impl", "status", "SQNR dB", "median ms", "min ms", "GOP/s", "cpu/wall"]
-    out += ["", "## Details", "", "| " + " | ".join(head + [f"vs {n}" for n in names]) + " |",
-            "|---" * (len(head) + len(names)) + "|"]
+    out += ["", "## Details", "", "| " + " | ".join(head + [f"vs {n}" for n in refs]) + " |",
+            "|---" * (len(head) + len(refs)) + "|"]
     for (shape, t), g in groups.items():
         for n, r in g.items():
             num = [f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['gops']:.0f}",
                    f"{r['cpu_per_wall']:.2f}"] if r["median_ms"] else [""] * 4
-            vs = [f"{r['speedup'][p]:.2f}x" if p in r["speedup"] else "" for p in names]
+            vs = [f"{r['speedup'][p]:.2f}x" if p in r["speedup"] else "" for p in refs]
             sq = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
             out.append(f"| {shape} | {t} | {n} | {r['status']} | {sq} | " + " | ".join(num + vs) + " |")
     out += ["", "## Implementations", ""] + [f"- `{n}`: {d}" for n, d in meta["impls"].items()]

@@ -94,7 +94,7 @@ def test_ncnn_model_layout(layer):
     np.testing.assert_allclose(scales[k], 127 / np.abs(x).max(), rtol=1e-6)
 
 
-def test_ncnn_winograd_switch_changes_the_kernel_not_the_result(layer):
+def test_ncnn_int8_paths_agree_bit_for_bit(layer):
     """ncnn's int8 Winograd is exact integer arithmetic: the three paths agree bit for bit."""
     pytest.importorskip("ncnn")
     x, w, b, _ = layer

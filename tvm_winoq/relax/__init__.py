@@ -3,7 +3,7 @@
 * :mod:`.importer` -- BatchNorm folding, ``torch.export``, ``from_exported_program``
 * :mod:`.kernels` -- the TIR kernels of one layer (bit-exact with :mod:`tvm_winoq.quant.reference`)
 * :mod:`.rewrite` -- the Relax pass replacing eligible ``conv2d`` calls by those kernels
-* :mod:`.schedule_cpu` -- CPU schedules (ours, plus a generic one for the remaining operators)
+* :mod:`.schedules` -- loads the hand-written schedules of ``schedules/<family>.py`` for a target
 * :mod:`.build` -- compile, export ``.so``, load into a ``relax.VirtualMachine``
 """
 

@@ -60,15 +60,16 @@ def _as_target(target: tvm.target.Target | str | dict | None) -> tvm.target.Targ
 def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -> tvm.IRModule:
     """Legalize and fuse the Relax ops, and schedule every PrimFunc for ``target``.
 
-    Our Winograd kernels get the hand-written schedules of :mod:`.schedule_cpu` (LLVM targets); the
-    legalized remaining operators get its generic parallel/vectorize schedule, then dlight's CPU rules
-    for what that could not handle.  With ``schedule=False`` everything stays naive TIR.
+    Our Winograd kernels get the hand-written schedules of the target's family in ``schedules/``
+    (see :mod:`.schedules`); the legalized remaining operators get that family's generic schedule.
+    With ``schedule=False`` everything stays naive TIR.
     """
-    with target:
-        if schedule and target.kind.name == "llvm":
-            from .schedule_cpu import schedule_winoq_kernels
+    from .schedules import schedules_for
 
-            mod = schedule_winoq_kernels(mod, target)
+    family = schedules_for(target) if schedule else None
+    with target:
+        if family is not None:
+            mod = family.schedule_winoq_kernels(mod, target)
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.LegalizeOps(),
@@ -78,10 +79,8 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ])(mod)
-        if schedule and target.kind.name == "llvm":
-            from .schedule_cpu import schedule_other_ops
-
-            mod = schedule_other_ops(mod, target)
+        if family is not None:
+            mod = family.schedule_other_ops(mod, target)
     return mod
 
 
@@ -244,10 +243,11 @@ def compile_layer(
              "winoq_output": output_func(spec, debug)}
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n).with_attr("winoq.kernel", n[6:])
                         for n, f in funcs.items()})
-    if schedule and tgt.kind.name == "llvm":
-        from .schedule_cpu import schedule_winoq_kernels
+    from .schedules import schedules_for
 
-        mod = schedule_winoq_kernels(mod, tgt)
+    family = schedules_for(tgt) if schedule else None
+    if family is not None:
+        mod = family.schedule_winoq_kernels(mod, tgt)
     lib = tvm.compile(mod, target=tgt).jit()
     return LayerExecutable(spec, lib, layer_constants(plan), debug)
 

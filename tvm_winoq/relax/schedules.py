@@ -1,0 +1,64 @@
+"""Find and load the hand-written schedules in the top-level ``schedules/`` folder.
+
+``schedules/<family>.py`` is a plain Python module (loaded by path, so users can drop in their own
+family or point ``WINOQ_SCHEDULES_DIR`` elsewhere; see :mod:`tvm_winoq.paths`).  Every family module
+provides ``schedule_winoq_kernels(mod, target)`` (our Winograd kernels) and
+``schedule_other_ops(mod, target)`` (every other legalized operator).  Families:
+
+* ``cpu``  -- any LLVM CPU target (x86 AVX2/AVX-512, Arm NEON): parallel, vectorized, register blocked;
+* ``arm``  -- aarch64 with ``dotprod``/``i8mm``: the ``cpu`` family with the GEMM tensorized to sdot/smmla
+  (when that module exists);
+* ``cuda`` -- CUDA targets (when that module exists).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from functools import cache
+from types import ModuleType
+
+import tvm
+
+from ..errors import TargetError
+from ..paths import schedules_dir
+
+
+@cache
+def load_family(family: str) -> ModuleType:
+    """Import ``schedules/<family>.py`` (cached) as module ``winoq_schedules.<family>``."""
+    path = schedules_dir() / f"{family}.py"
+    if not path.is_file():
+        raise TargetError(f"no schedule family {family!r} (expected {path})")
+    name = f"winoq_schedules.{family}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - importlib contract
+        raise TargetError(f"cannot load schedules from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    for fn in ("schedule_winoq_kernels", "schedule_other_ops"):
+        if not callable(getattr(module, fn, None)):
+            raise TargetError(f"{path} does not define {fn}(mod, target)")
+    return module
+
+
+def family_for(target: tvm.target.Target) -> str | None:
+    """The schedule family of ``target`` (``None``: no hand-written schedules, leave TIR as is)."""
+    kind = target.kind.name
+    if kind == "cuda":
+        return "cuda" if (schedules_dir() / "cuda.py").is_file() else None
+    if kind != "llvm":
+        return None
+    attrs = [str(a) for a in target.attrs.get("mattr", [])]
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith("aarch64") and any(a in ("+dotprod", "+i8mm") for a in attrs):
+        if (schedules_dir() / "arm.py").is_file():
+            return "arm"
+    return "cpu"
+
+
+def schedules_for(target: tvm.target.Target) -> ModuleType | None:
+    """The loaded schedule module for ``target`` (or ``None``)."""
+    family = family_for(target)
+    return load_family(family) if family else None
