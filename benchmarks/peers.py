@@ -318,8 +318,9 @@ def ncnn_int8(winograd: str | None) -> Factory:
 def tvm_winoq(tile: int, group: int = 32) -> Factory:
     """Ours: ``tvm_winoq.relax.build.compile_model`` on one ``nn.Conv2d``, ``groupwise(tile, group)``.
 
-    Built once per (tile, shape, weights) for ``host_target()``; threads via TVM's pool.  Default
-    (not finetuned) scales.  Any import/build problem of the in-progress module makes the row skipped.
+    Built once per (tile, shape, weights) for ``host_target()``; threads via TVM's pool.  Scales are
+    learned data-free for the layer (200 SGD steps on Gaussian inputs, as ``winoq compile`` does).
+    Any import/build problem of the module makes the row skipped.
     """
 
     def factory(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int) -> Call:
@@ -328,6 +329,7 @@ def tvm_winoq(tile: int, group: int = 32) -> Factory:
             import tvm
 
             from tvm_winoq.config import groupwise
+            from tvm_winoq.finetune import ConvLayer, FinetuneSettings, finetune_scales
             from tvm_winoq.relax.build import compile_model, host_target
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"tvm_winoq.relax.build not usable: {type(e).__name__}: {e}") from e
@@ -338,10 +340,13 @@ def tvm_winoq(tile: int, group: int = 32) -> Factory:
             with torch.no_grad():
                 conv.weight.copy_(torch.from_numpy(w))
                 conv.bias.copy_(torch.from_numpy(b))
+            cfg = groupwise(tile=tile, group=group)
+            layer = ConvLayer("conv", torch.from_numpy(w), torch.from_numpy(b), (1, 1), tuple(x.shape))
+            scales = finetune_scales([layer], cfg, FinetuneSettings(steps=200), progress=False).shared
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cm = compile_model(torch.nn.Sequential(conv).eval(), torch.from_numpy(x),
-                                   groupwise(tile=tile, group=group), target=host_target())
+                cm = compile_model(torch.nn.Sequential(conv).eval(), torch.from_numpy(x), cfg,
+                                   target=host_target(), scales=scales)
             if not any(r.rewritten for r in cm.records):
                 raise Unavailable(f"the conv was not rewritten to Winograd: {cm.records}")
             while len(cache) >= 4:

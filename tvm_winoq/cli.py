@@ -88,6 +88,33 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         print(f"wrote {write_study(res, Path(a.out))}")
 
 
+def _cmd_compile(a: argparse.Namespace) -> None:
+    from .pipeline import CompileOptions, compile_job
+
+    layers = dict(item.split("=", 1) for item in a.layer) if a.layer else {}
+    opts = CompileOptions(
+        model=a.model,
+        target=a.target,
+        tile=a.tile,
+        group=a.group,
+        scales=a.scales,
+        steps=a.steps,
+        seed=a.seed,
+        input_size=a.input_size,
+        keep_params=a.keep_params,
+        layers=layers,
+    )
+    compile_job(opts, Path(a.out))
+
+
+def _cmd_run(a: argparse.Namespace) -> None:
+    from .pipeline import run_job
+
+    res = run_job(Path(a.out_dir), a.input, repeat=a.repeat, threads=a.threads)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``winoq`` argument parser."""
     p = argparse.ArgumentParser(prog="winoq", description="Data-free group-wise int8 Winograd for TVM")
@@ -137,6 +164,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("-o", "--out", default=None, help="folder for study.md / study.json / plots")
     ev.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("compile", help="compile a model with int8 Winograd convs for a target preset")
+    c.add_argument(
+        "model",
+        help="registered model name (craft, resnet18, ...) or a .py file defining "
+        "`model` and `example_input`",
+    )
+    c.add_argument("--target", default="host", help="target preset (see `winoq targets`)")
+    c.add_argument("--tile", type=int, default=6, help="Winograd F(m,3) output tile m: 2, 4 or 6")
+    c.add_argument("--group", type=int, default=32, help="channel group size of V, U and M")
+    c.add_argument("--scales", default="learned", help="standard | learned | learned-per-layer")
+    c.add_argument("--steps", type=int, default=600, help="finetuning steps (cached)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--input-size", type=int, default=None, help="square input size (registered models)")
+    c.add_argument("--keep-params", action="store_true", help="import weights as parameters")
+    c.add_argument(
+        "--layer",
+        action="append",
+        metavar="NAME=CHOICE",
+        help="per-layer override: f2|f4|f6|direct|float (repeatable)",
+    )
+    c.add_argument("-o", "--out", required=True, help="output folder")
+    c.set_defaults(func=_cmd_compile)
+
+    r = sub.add_parser("run", help="run a compiled module and compare with FP32 PyTorch")
+    r.add_argument("out_dir")
+    r.add_argument("--input", default=None, help="image file, .npy, or a skimage.data name (e.g. page)")
+    r.add_argument("--repeat", type=int, default=10)
+    r.add_argument("--threads", type=int, default=None, help="threads for both runtimes (default: all cores)")
+    r.add_argument("--json", default=None, help="also write the result as JSON")
+    r.set_defaults(func=_cmd_run)
 
     tg = sub.add_parser("targets", help="list the target presets")
     tg.set_defaults(func=_cmd_targets)

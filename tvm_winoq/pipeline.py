@@ -1,0 +1,291 @@
+"""``winoq compile`` / ``winoq run``: the end-to-end job as an ordered list of named phases.
+
+Phases: ``load`` (model + example input), ``finetune`` (data-free scales, cached), ``build`` (import,
+Winograd rewrite, lowering, TVM build for the preset), ``export`` (module + metadata, written atomically:
+an output folder is either complete or absent).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import config_from_dict, groupwise
+from .convert import fold_batchnorm
+from .errors import ConfigError, ModelError, WinoqError
+from .finetune import FinetuneSettings, collect_layers
+
+SCALE_CHOICES = ("standard", "learned", "learned-per-layer")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What ``winoq compile`` builds (validated)."""
+
+    model: str
+    target: str = "host"
+    tile: int = 6
+    group: int = 32
+    scales: str = "learned"
+    steps: int = 600
+    seed: int = 0
+    input_size: int | None = None
+    keep_params: bool = False
+    layers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scales not in SCALE_CHOICES:
+            raise ConfigError(f"scales: must be one of {SCALE_CHOICES}, got {self.scales!r}")
+        if self.input_size is not None and self.input_size < 8:
+            raise ConfigError(f"input_size: must be >= 8, got {self.input_size}")
+
+
+def load_model(spec: str, input_size: int | None = None) -> tuple[nn.Module, torch.Tensor, str]:
+    """A registered model name or a ``.py`` file -> ``(model, example input, canonical spec)``."""
+    from .models import get_model, load_model_file
+
+    if spec.endswith(".py"):
+        path = Path(spec).resolve()
+        model, x = load_model_file(path)
+        return model, x, str(path)
+    model, x = get_model(spec)
+    if input_size is not None:
+        x = resize_input(spec, x, input_size)
+    return model, x, spec
+
+
+def resize_input(model_name: str, x: torch.Tensor, size: int) -> torch.Tensor:
+    """The model's example input at ``size x size`` (a real image for image models)."""
+    if model_name == "craft":
+        from .data import natural_image
+        from .models.craft import craft_preprocess
+
+        return craft_preprocess(natural_image("page", None), size)
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _phase(name: str, log: Callable[[str], None]):
+    class _P:
+        def __enter__(self):
+            self.t0 = time.time()
+            log(f"[{name}] ...")
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                log(f"[{name}] done in {time.time() - self.t0:.1f} s")
+
+    return _P()
+
+
+def compile_job(opts: CompileOptions, out_dir: Path, log: Callable[[str], None] = print) -> dict:
+    """Run the compile phases and write ``out_dir`` (module.so, module.json, config.json, report.txt)."""
+    from .relax.build import compile_model
+    from .scale_cache import finetune_cached
+    from .targets import get_preset
+
+    preset = get_preset(opts.target)
+    mode = {"standard": "standard", "learned": "learned-shared", "learned-per-layer": "learned-per-layer"}
+    cfg = groupwise(opts.tile, opts.group, mode[opts.scales]).with_(layers=opts.layers)
+    with _phase("load", log):
+        model, x, spec = load_model(opts.model, opts.input_size)
+        folded = fold_batchnorm(model, x)
+        layers = collect_layers(folded, x)
+        log(f"  {spec}: input {tuple(x.shape)}, {len(layers)} eligible 3x3 stride-1 convs")
+    scales = None
+    ft = None
+    if opts.scales != "standard" and layers:
+        with _phase("finetune", log):
+            s = FinetuneSettings(
+                steps=opts.steps, seed=opts.seed, per_layer=opts.scales == "learned-per-layer"
+            )
+            ft, cached = finetune_cached(spec, layers, cfg, s)
+            scales = ft.per_layer if s.per_layer else ft.shared
+            how = "cached scales" if cached else f"finetuned in {ft.seconds:.0f} s"
+            log(f"  {how} (Gaussian inputs only)")
+    with _phase("build", log):
+        compiled = compile_model(
+            model, x, cfg, target=preset.tvm_target(), scales=scales, keep_params_as_input=opts.keep_params
+        )
+    rewritten = [r for r in compiled.records if r.rewritten]
+    report = [
+        f"{len(rewritten)} of {len(compiled.records)} conv2d rewritten to int8 Winograd F({opts.tile},3)"
+    ]
+    report += [_record_line(r) for r in compiled.records]
+    log("\n".join(report))
+    meta = {
+        "model": spec,
+        "target": opts.target,
+        "input_shape": list(x.shape),
+        "options": asdict(opts),
+        "config": cfg.to_dict(),
+        "scales": None
+        if scales is None
+        else ({k: v.to_dict() for k, v in scales.items()} if isinstance(scales, dict) else scales.to_dict()),
+        "finetune_report": ft.report if ft else [],
+    }
+    with _phase("export", log):
+        _export_atomic(out_dir, compiled, preset, meta, "\n".join(report) + "\n")
+    log(f"wrote {out_dir}/ (module.so, module.json, config.json, report.txt)")
+    return meta
+
+
+def _record_line(r) -> str:
+    shape = f"{r.weight_shape[1]}->{r.weight_shape[0]}" if len(r.weight_shape) == 4 else "?"
+    return f"  {r.name:36s} {shape:>11s}  {'Winograd' if r.rewritten else 'left    '}  {r.reason}"
+
+
+def _export_atomic(out_dir: Path, compiled, preset, meta: dict, report: str) -> None:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        lib = stage / "module.so"
+        preset.export_library(compiled.executable, lib)
+        sidecar = {
+            "input_shape": list(compiled.input_shape),
+            "target": compiled.target,
+            "records": [asdict(r) for r in compiled.records],
+        }
+        (stage / "module.json").write_text(json.dumps(sidecar, indent=1))
+        (stage / "config.json").write_text(json.dumps(meta, indent=1))
+        (stage / "report.txt").write_text(report)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def read_compiled(out_dir: Path) -> dict:
+    """The metadata of a ``winoq compile`` output folder (clear error if it is not one)."""
+    out_dir = Path(out_dir)
+    cfg_path = out_dir / "config.json"
+    if not (out_dir / "module.so").is_file() or not cfg_path.is_file():
+        raise WinoqError(f"{out_dir}: not a winoq compile output (module.so / config.json missing)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+        config_from_dict(meta["config"])
+    except (ValueError, KeyError) as exc:
+        raise WinoqError(f"{cfg_path}: unreadable compile metadata ({exc})") from exc
+    return meta
+
+
+def prepare_input(meta: dict, source: str | None) -> torch.Tensor:
+    """The run input: ``None`` (the compile example), an ``.npy`` file, an image file or a skimage name."""
+    shape = tuple(meta["input_shape"])
+    if source is None:
+        return load_model(meta["model"], shape[-1] if meta["options"].get("input_size") else None)[1]
+    if source.endswith(".npy"):
+        try:
+            arr = np.load(source)
+        except (OSError, ValueError) as exc:
+            raise WinoqError(f"--input {source}: cannot read ({exc})") from exc
+        if tuple(arr.shape) != shape:
+            raise WinoqError(f"--input {source}: shape {arr.shape} != compiled input shape {shape}")
+        return torch.from_numpy(arr.astype(np.float32))
+    img = _read_image(source)
+    if meta["model"] == "craft":
+        from .models.craft import craft_preprocess
+
+        return craft_preprocess(img, (shape[2], shape[3]))
+    if shape[1] != 3:
+        raise WinoqError(f"--input {source}: images are only supported for 3-channel models (shape {shape})")
+    from .data import imagenet_preprocess
+
+    x = imagenet_preprocess(img, shape[2])
+    return x if tuple(x.shape) == shape else resize_input("", x, shape[2])
+
+
+def _read_image(source: str) -> np.ndarray:
+    from .data import NATURAL_IMAGE_NAMES, natural_image
+
+    if source in NATURAL_IMAGE_NAMES:
+        return natural_image(source, None)
+    try:
+        from skimage import io
+
+        return io.imread(source)
+    except (OSError, ValueError) as exc:
+        raise WinoqError(
+            f"--input {source}: not a readable image, .npy file or skimage.data name ({exc})"
+        ) from exc
+
+
+def run_job(
+    out_dir: Path,
+    source: str | None = None,
+    repeat: int = 10,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run a compiled module on an input; compare with FP32 PyTorch (SQNR, top-1) and time both.
+
+    Both runtimes use ``threads`` threads (default: every core).
+    """
+    import os
+
+    import tvm
+
+    from .metrics import sqnr_db
+    from .relax.build import load
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+
+    meta = read_compiled(out_dir)
+    x = prepare_input(meta, source)
+    runner = load(Path(out_dir) / "module.so")
+    y = runner(x.numpy())
+    model, _, _ = load_model(meta["model"])
+    model = model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    ref = ref[0] if isinstance(ref, tuple | list) else ref
+    result = {
+        "model": meta["model"],
+        "input": source or "example",
+        "sqnr_db": sqnr_db(ref, torch.from_numpy(y)),
+    }
+    if ref.dim() == 2:
+        result["top1_agree"] = bool((ref.argmax(1) == torch.from_numpy(y).argmax(1)).all())
+    t_ours = runner.time(x.numpy(), repeat=repeat)
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+    t_torch = float(np.median(ts))
+    result.update(
+        {
+            "ms_ours": 1e3 * t_ours,
+            "ms_torch_fp32": 1e3 * t_torch,
+            "speedup_vs_torch": t_torch / t_ours,
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
+    log(
+        f"{meta['model']} on {result['input']}: SQNR vs FP32 PyTorch {result['sqnr_db']:.2f} dB"
+        + (f", top-1 agrees: {result['top1_agree']}" if "top1_agree" in result else "")
+    )
+    log(
+        f"time: tvm-winoq {result['ms_ours']:.2f} ms, PyTorch fp32 {result['ms_torch_fp32']:.2f} ms "
+        f"({result['speedup_vs_torch']:.2f}x), {result['torch_threads']} threads"
+    )
+    return result
+
+
+__all__ = ["CompileOptions", "ModelError", "compile_job", "read_compiled", "run_job"]
