@@ -1,0 +1,265 @@
+"""AArch64 schedules with the int8 dot-product extensions: the ``cpu`` family with a tensorized GEMM.
+
+Everything but the GEMM's integer reduction is scheduled exactly as in ``schedules/cpu.py`` (loaded
+with :func:`tvm_winoq.relax.schedules.load_family`): ``input``/``output`` kernels and the other
+operators, and the GEMM's register blocking (``tt`` tiles x ``kk`` output channels per parallel task,
+the channel-group loop ``g`` serial and in order, fma dequantization vectorized over ``kk``).  Only the
+``acc[p, t, k, g] = sum_{c in g} v_q[p, t, c] * u_q[p, c, k]`` reduction is replaced, per channel group,
+by one of two micro-kernels (TIR tensor intrinsics registered here):
+
+* ``+dotprod`` -- ``SDOT`` (by element): ``acc[t, k0:k0+4] += v_q[t, c0:c0+4] . U[k0:k0+4, c0:c0+4]``:
+  the 4 channels of one tile are broadcast to all lanes (one 32-bit load), the 16-byte ``U`` operand
+  holds 4 output channels x 4 input channels (``[k][c]``), each int32 lane one output channel.
+* ``+i8mm`` -- ``SMMLA``: ``acc[t0:t0+2, k0:k0+2] += V[t0:t0+2, c0:c0+8] U[k0:k0+2, c0:c0+8]^T``: two
+  8-byte rows of ``v_q`` (two tiles, stride ``C``) form the 2x8 left operand, the 16-byte ``U`` operand
+  holds 2 output channels x 8 input channels, the result is the row-major 2x2 (tile, channel) block.
+  The accumulators are kept in that blocked layout (``[t/2, k/2, 2, 2]``); needs an even tile block.
+
+``u_q`` arrives as ``[P, Cp, K]`` (output channels innermost, the layout :func:`~tvm_winoq.relax.kernels.
+layer_constants` gives every target), so the GEMM kernel first repacks it into a scratch buffer
+``[P, Cp/4, K, 4]`` (sdot) or ``[P, Cp/8, K, 8]`` (smmla) -- a ``cache_read`` whose layout is changed
+with ``transform_layout`` -- parallel over positions, one pass over ``U`` per call.  The accumulator
+tile is a compact ``[tt, kk]`` buffer per (position, tile block, channel block, group) with ``k``
+innermost (``transform_layout`` of ``acc``; in the debug kernel, where ``acc`` is an output, a
+``cache_write`` with the copy-out computed per group), so the accumulators live in registers.
+
+The integer sums are exact in any order and the fma chain over groups is untouched, so the results
+are bit-identical to the naive kernels.  Shapes the micro-kernels do not cover (a partial last channel
+group, ``K`` or the group size not a multiple of 4, no dot-product feature) get the ``cpu`` GEMM; the
+i8mm path falls back to sdot when the tile block is odd or the group size is not a multiple of 8.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.script import tirx as T
+
+from tvm_winoq.relax.schedules import load_family
+
+__all__ = ["SDOT_INTRIN", "SMMLA_INTRIN", "gemm_features", "schedule_gemm", "schedule_other_ops",
+           "schedule_winoq_kernels"]
+
+_cpu: ModuleType = load_family("cpu")
+_SCHEDULED = "tirx.is_scheduled"
+
+SDOT_INTRIN = "winoq_arm_sdot_4x4_i8i8i32"
+SMMLA_INTRIN = "winoq_arm_smmla_2x2x8_i8i8i32"
+
+
+# ------------------------------------------------------------------------------------ intrinsics
+@T.prim_func(s_tir=True)
+def _sdot_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        for i, j in T.grid(4, 4):
+            with T.sblock("update"):
+                vi, vj = T.axis.remap("SR", [i, j])
+                C[vi] = C[vi] + T.Cast("int32", A[vj]) * T.Cast("int32", B[vi, vj])
+
+
+@T.prim_func(s_tir=True)
+def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        C[T.ramp(0, 1, 4)] = T.call_llvm_pure_intrin(
+            "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8",
+            C.vload([0], "int32x4"),
+            B.vload([0, 0], "int8x16"),
+            T.reinterpret("int8x16", T.broadcast(T.reinterpret("int32", A.vload([0], "int8x4")), 4)),
+        )
+
+
+@T.prim_func(s_tir=True)
+def _smmla_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    sa = T.int32()
+    A = T.match_buffer(a, (2, 8), "int8", strides=[sa, 1], offset_factor=1)
+    B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
+    C = T.match_buffer(c, (2, 2), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+        T.writes(C[0:2, 0:2])
+        for i, j, l in T.grid(2, 2, 8):
+            with T.sblock("update"):
+                vi, vj, vl = T.axis.remap("SSR", [i, j, l])
+                C[vi, vj] = C[vi, vj] + T.Cast("int32", A[vi, vl]) * T.Cast("int32", B[vj, vl])
+
+
+def _concat8(lo: tirx.PrimExpr, hi: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``int8x16`` from two ``int8x8`` halves."""
+    return tirx.Shuffle([lo, hi], [tirx.const(i, "int32") for i in range(16)])
+
+
+@T.prim_func(s_tir=True)
+def _smmla_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    sa = T.int32()
+    A = T.match_buffer(a, (2, 8), "int8", strides=[sa, 1], offset_factor=1)
+    B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
+    C = T.match_buffer(c, (2, 2), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+        T.writes(C[0:2, 0:2])
+        C[0, T.ramp(0, 1, 4)] = T.call_llvm_pure_intrin(
+            "int32x4", "llvm.aarch64.neon.smmla.v4i32.v16i8",
+            C.vload([0, 0], "int32x4"),
+            _concat8(A.vload([0, 0], "int8x8"), A.vload([1, 0], "int8x8")),
+            B.vload([0, 0], "int8x16"),
+        )
+
+
+def _register() -> None:
+    TensorIntrin.register(SDOT_INTRIN, _sdot_desc, _sdot_impl, override=True)
+    TensorIntrin.register(SMMLA_INTRIN, _smmla_desc, _smmla_impl, override=True)
+
+
+_register()
+
+
+# ------------------------------------------------------------------------------------------- gemm
+def gemm_features(target: tvm.target.Target) -> tuple[bool, bool]:
+    """``(dotprod, i8mm)`` of an LLVM ``target`` (TVM's Arm feature flags, or ``mattr``)."""
+    attrs = {str(a) for a in target.attrs.get("mattr", [])}
+    feats: Any = getattr(target, "features", None)
+    dot = bool(getattr(feats, "has_dotprod", False)) or "+dotprod" in attrs
+    mm = bool(getattr(feats, "has_matmul_i8", False)) or "+i8mm" in attrs
+    return dot or mm, mm
+
+
+def _blocks(sch: Schedule, name: str) -> object:
+    return sch.get_sblock(name)
+
+
+def _gemm_shape(sch: Schedule) -> dict[str, int]:
+    """Static sizes of a ``gemm`` kernel: ``p, t, k, ng`` (groups), ``gg`` (group size), ``c``, ``cp``."""
+    blk = sch.get(sch.get_sblock("gemm_acc"))
+    p, t, k, ng, gg = (int(iv.dom.extent) for iv in blk.iter_vars)
+    vq = next(r.source for r in blk.reads if r.source.name == "vq")
+    return {"p": p, "t": t, "k": k, "ng": ng, "gg": gg, "c": int(vq.shape[2]), "cp": ng * gg}
+
+
+def _tile_t(t: int, smmla: bool) -> int:
+    """Tiles per register block (even for smmla)."""
+    cands = (4, 6, 2) if smmla else (4, 7, 5, 6, 3, 2)
+    return _cpu._divisor(t, cands)
+
+
+def _microkernel(sch: Schedule, acc: object, ti: object, ki: object, rc: object, smmla: bool) -> None:
+    """Tensorize ``acc``'s (tiles ``ti``, channels ``ki``, reduction ``rc``) loops of one group."""
+    if smmla:
+        t2, tp = sch.split(ti, [None, 2])
+        k2, kp = sch.split(ki, [None, 2])
+        cb, c8 = sch.split(rc, [None, 8])
+        sch.reorder(cb, t2, k2, tp, kp, c8)
+        sch.decompose_reduction(acc, cb)
+        sch.tensorize(tp, SMMLA_INTRIN)
+        sch.unroll(t2)
+        sch.unroll(k2)
+    else:
+        kb, k4 = sch.split(ki, [None, 4])
+        cb, c4 = sch.split(rc, [None, 4])
+        sch.reorder(cb, ti, kb, k4, c4)
+        sch.decompose_reduction(acc, cb)
+        sch.tensorize(k4, SDOT_INTRIN)
+        sch.unroll(ti)
+        sch.unroll(kb)
+    init = sch.get_loops(sch.get_sblock("gemm_acc_init"))
+    if smmla:
+        sch.vectorize(sch.fuse(*init[-4:]))
+    else:
+        sch.vectorize(sch.fuse(*init[-2:]))
+
+
+def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int = 16) -> tirx.PrimFunc:
+    """Schedule the ``gemm`` kernel with the sdot/smmla micro-kernel (``cpu`` schedule where unsupported)."""
+    dot, mm = gemm_features(target)
+    sch = Schedule(func)
+    s = _gemm_shape(sch)
+    if not dot or s["cp"] != s["c"] or s["k"] % 4 or s["gg"] % 4:
+        return _cpu.schedule_gemm(func)
+    tt = _tile_t(s["t"], mm)
+    smmla = mm and tt % 2 == 0 and s["gg"] % 8 == 0
+    if not smmla:
+        tt = _tile_t(s["t"], False)
+    kk = s["k"] if s["k"] <= lanes else _cpu._divisor(s["k"], (lanes, 8, 4))
+    cw = 8 if smmla else 4
+    debug = len(func.params) == 6
+
+    acc = sch.get_sblock("gemm_acc")
+    dq = sch.get_sblock("gemm_dequant")
+    # U repacked once per call: [P, Cp, K] -> [P, Cp/cw, K, cw] (cw input channels of one output
+    # channel contiguous: the 16-byte operand of sdot/smmla)
+    pack = sch.cache_read(acc, "uq", "global")
+    sch.transform_layout(pack, ("write", 0), lambda p, c, k: (p, c // cw, k, c % cw))
+    pp, pc, pk = sch.get_loops(pack)
+    pcb, pci = sch.split(pc, [None, cw])
+    sch.reorder(pp, pcb, pk, pci)
+    sch.parallel(pp)
+    sch.unroll(pci)
+    # the int32 accumulators: compact, k innermost (smmla: 2x2 (tile, channel) blocks)
+    if debug:
+        buf_blk = sch.cache_write(acc, "acc", "global")
+        del buf_blk
+    if smmla:
+        sch.transform_layout(acc, ("write", 0),
+                             lambda p, t, k, g: (p, g, t // 2, k // 2, t % 2, k % 2))
+    else:
+        sch.transform_layout(acc, ("write", 0), lambda p, t, k, g: (p, g, t, k))
+
+    p, t, k, g = sch.get_loops(dq)
+    to, ti = sch.split(t, [None, tt])
+    ko, ki = sch.split(k, [None, kk])
+    sch.reorder(p, to, ko, g, ti, ki)
+    sch.parallel(sch.fuse(p, to))
+    if not debug:
+        sch.compute_at(acc, g, preserve_unit_loops=True)
+        _, ati, aki, _, arc = sch.get_loops(acc)[-5:]
+    else:
+        copy = sch.get_sblock("gemm_acc_global")
+        ap, at_, ak, ag, arc = sch.get_loops(acc)
+        ato, ati = sch.split(at_, [None, tt])
+        ako, aki = sch.split(ak, [None, kk])
+        sch.reorder(ap, ato, ako, ag, ati, aki, arc)
+        sch.parallel(sch.fuse(ap, ato))
+        sch.reverse_compute_at(copy, ag, preserve_unit_loops=True)
+        cl = sch.get_loops(copy)
+        sch.unroll(cl[-2])
+        sch.vectorize(cl[-1])
+    _microkernel(sch, acc, ati, aki, arc, smmla)
+    sch.vectorize(ki)
+    sch.unroll(ti)
+    sch.decompose_reduction(dq, g)
+    sch.vectorize(sch.get_loops(sch.get_sblock("gemm_dequant_init"))[-1])
+    return sch.mod["main"].with_attr(_SCHEDULED, True)
+
+
+# ------------------------------------------------------------------------------------- entry points
+def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every ``winoq.kernel`` PrimFunc of ``mod``: ``cpu`` schedules, the GEMM tensorized."""
+    others = {"input": _cpu.schedule_input, "output": _cpu.schedule_output}
+
+    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleWinoqKernelsArm")
+    def _pass(func: tirx.PrimFunc, m: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
+        attrs = func.attrs
+        if attrs is None or "winoq.kernel" not in attrs or _SCHEDULED in attrs:
+            return func
+        kind = str(attrs["winoq.kernel"])
+        return schedule_gemm(func, target) if kind == "gemm" else others[kind](func)
+
+    return _pass(mod)
+
+
+def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Every other operator: the ``cpu`` family's generic schedules."""
+    return _cpu.schedule_other_ops(mod, target)

@@ -1,0 +1,72 @@
+"""``winoq compile`` / ``winoq run`` end to end on a user model file, and their bad-input paths."""
+
+import json
+import textwrap
+
+import pytest
+
+from tvm_winoq.cli import main
+
+MODEL_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 16, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()
+    example_input = torch.randn(1, 8, 20, 20)
+    """
+)
+
+
+@pytest.fixture()
+def model_file(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+def test_compile_and_run_user_model(tmp_path, model_file, monkeypatch, capsys):
+    monkeypatch.setenv("WINOQ_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["compile", str(model_file), "--tile", "4", "--steps", "20", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 of 3 conv2d rewritten" in text and "stride 2" in text
+    assert {p.name for p in out.iterdir()} == {"module.so", "module.json", "config.json", "report.txt"}
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["config"]["tile"] == 4 and meta["scales"] is not None
+    res_path = tmp_path / "res.json"
+    assert main(["run", str(out), "--repeat", "2", "--threads", "1", "--json", str(res_path)]) == 0
+    res = json.loads(res_path.read_text())
+    assert res["sqnr_db"] > 15 and res["top1_agree"] is True and res["ms_ours"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--target", "rpi9"], "unknown target preset"),
+        (["--scales", "magic"], "scales"),
+        (["--layer", "0=f5"], "layers"),
+        (["--tile", "1"], "tile"),
+    ],
+)
+def test_compile_bad_input_is_one_line_and_writes_nothing(tmp_path, model_file, capsys, args, needle):
+    out = tmp_path / "out"
+    assert main(["compile", str(model_file), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0].lower()
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_compile_missing_model_file(tmp_path, capsys):
+    assert main(["compile", str(tmp_path / "nope.py"), "-o", str(tmp_path / "o")]) == 2
+    assert "nope.py" in capsys.readouterr().err
+
+
+def test_run_rejects_non_output_folder(tmp_path, capsys):
+    assert main(["run", str(tmp_path)]) == 2
+    assert "not a winoq compile output" in capsys.readouterr().err
