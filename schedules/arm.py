@@ -155,8 +155,11 @@ def _tile_t(t: int, smmla: bool) -> int:
     return _cpu._divisor(t, cands)
 
 
-def _microkernel(sch: Schedule, acc: object, ti: object, ki: object, rc: object, smmla: bool) -> None:
-    """Tensorize ``acc``'s (tiles ``ti``, channels ``ki``, reduction ``rc``) loops of one group."""
+def _microkernel(sch: Schedule, acc: object, loops: list, smmla: bool) -> None:
+    """Tensorize one group of ``acc``: ``loops`` = (unit loops..., tiles, channels, reduction)."""
+    *unit, ti, ki, rc = loops
+    if unit:
+        sch.reorder(*unit, ti)
     if smmla:
         t2, tp = sch.split(ti, [None, 2])
         k2, kp = sch.split(ki, [None, 2])
@@ -224,19 +227,21 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int = 1
     sch.parallel(sch.fuse(p, to))
     if not debug:
         sch.compute_at(acc, g, preserve_unit_loops=True)
-        _, ati, aki, _, arc = sch.get_loops(acc)[-5:]
+        au, ati, aki, ag, arc = sch.get_loops(acc)[-5:]  # loops of (p, t, k, g, rc); p and g unit
+        loops = [au, ag, ati, aki, arc]
     else:
         copy = sch.get_sblock("gemm_acc_global")
         ap, at_, ak, ag, arc = sch.get_loops(acc)
         ato, ati = sch.split(at_, [None, tt])
         ako, aki = sch.split(ak, [None, kk])
         sch.reorder(ap, ato, ako, ag, ati, aki, arc)
+        loops = [ati, aki, arc]
         sch.parallel(sch.fuse(ap, ato))
         sch.reverse_compute_at(copy, ag, preserve_unit_loops=True)
         cl = sch.get_loops(copy)
         sch.unroll(cl[-2])
         sch.vectorize(cl[-1])
-    _microkernel(sch, acc, ati, aki, arc, smmla)
+    _microkernel(sch, acc, loops, smmla)
     sch.vectorize(ki)
     sch.unroll(ti)
     sch.decompose_reduction(dq, g)

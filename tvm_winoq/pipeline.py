@@ -259,6 +259,12 @@ def run_job(
     }
     if ref.dim() == 2:
         result["top1_agree"] = bool((ref.argmax(1) == torch.from_numpy(y).argmax(1)).all())
+    if meta["model"] == "craft":
+        from .models.craft import craft_postprocess
+        from .task_metrics import box_f1
+
+        ref_boxes, boxes = craft_postprocess(ref), craft_postprocess(y)
+        result.update({"boxes_fp32": len(ref_boxes), "boxes": len(boxes), "box_f1": box_f1(ref_boxes, boxes)})
     t_ours = runner.time(x.numpy(), repeat=repeat)
     with torch.no_grad():
         for _ in range(2):
@@ -280,6 +286,11 @@ def run_job(
     log(
         f"{meta['model']} on {result['input']}: SQNR vs FP32 PyTorch {result['sqnr_db']:.2f} dB"
         + (f", top-1 agrees: {result['top1_agree']}" if "top1_agree" in result else "")
+        + (
+            f", text boxes {result['boxes']} vs {result['boxes_fp32']} (F1 {result['box_f1']:.1f}%)"
+            if "box_f1" in result
+            else ""
+        )
     )
     log(
         f"time: tvm-winoq {result['ms_ours']:.2f} ms, PyTorch fp32 {result['ms_torch_fp32']:.2f} ms "
