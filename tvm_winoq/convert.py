@@ -7,8 +7,9 @@ to a model (torchao style); :func:`eligible_convs` reports what is rewritten and
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,12 +102,7 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
                         )
                     )
                 )
-        try:
-            with torch.no_grad():
-                model(example_input)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_hooked(model, [example_input], hooks)
     else:
         for pname, mod in model.named_modules():
             if isinstance(mod, nn.Sequential):
@@ -124,6 +120,17 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None) 
         _fold_pair(model.get_submodule(conv_name), model.get_submodule(bn_name))
         _set_submodule(model, bn_name, nn.Identity())
     return model
+
+
+def run_hooked(model: nn.Module, inputs: Sequence[torch.Tensor], hooks: Sequence[Any]) -> None:
+    """Run ``model`` without gradients on each of ``inputs``, then remove ``hooks`` (even on error)."""
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PerChannel, QuantSpec, WinoQConfig, groupwise, per_tensor
-from .convert import quantize_model
+from .convert import quantize_model, run_hooked
 from .finetune import ConvLayer, FinetuneResult, FinetuneSettings, collect_layers, finetune_scales
 from .metrics import sqnr_db
 from .quant.baselines import direct_conv2d_int8
@@ -60,13 +60,7 @@ def capture_inputs(model: nn.Module, layers: Sequence[ConvLayer], inputs: Sequen
         )
         for layer in layers
     ]
-    try:
-        with torch.no_grad():
-            for x in inputs:
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, inputs, hooks)
     return got
 
 

