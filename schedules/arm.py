@@ -7,13 +7,17 @@ the channel-group loop ``g`` serial and in order, fma dequantization vectorized 
 ``acc[p, t, k, g] = sum_{c in g} v_q[p, t, c] * u_q[p, c, k]`` reduction is replaced, per channel group,
 by one of two micro-kernels (TIR tensor intrinsics registered here):
 
-* ``+dotprod`` -- ``SDOT`` (by element): ``acc[t, k0:k0+4] += v_q[t, c0:c0+4] . U[k0:k0+4, c0:c0+4]``:
-  the 4 channels of one tile are broadcast to all lanes (one 32-bit load), the 16-byte ``U`` operand
-  holds 4 output channels x 4 input channels (``[k][c]``), each int32 lane one output channel.
+* ``+dotprod`` -- ``SDOT``: ``acc[t, k0:k0+4] += sum_c v_q[t, c] U[k0:k0+4, c]``, each int32 lane one
+  output channel, each 16-byte ``U`` operand 4 output x 4 input channels (``[k][c]``).  For groups
+  that are a multiple of 16 channels the intrinsic covers 16 channels: one 16-byte load of ``v_q`` and
+  four by-element ``sdot v.4s, u.16b, v.4b[lane]``; otherwise 4 channels, the 4 bytes of ``v_q``
+  broadcast with ``ld1r``.  Register block: 4 tiles x 8 output channels (8 accumulators).
 * ``+i8mm`` -- ``SMMLA``: ``acc[t0:t0+2, k0:k0+2] += V[t0:t0+2, c0:c0+8] U[k0:k0+2, c0:c0+8]^T``: two
   8-byte rows of ``v_q`` (two tiles, stride ``C``) form the 2x8 left operand, the 16-byte ``U`` operand
   holds 2 output channels x 8 input channels, the result is the row-major 2x2 (tile, channel) block.
   The accumulators are kept in that blocked layout (``[t/2, k/2, 2, 2]``); needs an even tile block.
+  Register block: 4 tiles x 16 output channels (16 accumulators, 2 ``ldr d`` + 8 ``ldp q`` per 16
+  ``smmla``); the fma dequantization reads the blocks back with ``zip`` shuffles.
 
 ``u_q`` arrives as ``[P, Cp, K]`` (output channels innermost, the layout :func:`~tvm_winoq.relax.kernels.
 layer_constants` gives every target), so the GEMM kernel first repacks it into a scratch buffer
@@ -41,17 +45,21 @@ from tvm.script import tirx as T
 
 from tvm_winoq.relax.schedules import load_family
 
-__all__ = ["SDOT_INTRIN", "SMMLA_INTRIN", "gemm_features", "schedule_gemm", "schedule_other_ops",
-           "schedule_winoq_kernels"]
+__all__ = ["SDOT16_INTRIN", "SDOT_INTRIN", "SMMLA_INTRIN", "gemm_features", "schedule_gemm",
+           "schedule_other_ops", "schedule_winoq_kernels"]
 
 _cpu: ModuleType = load_family("cpu")
 _SCHEDULED = "tirx.is_scheduled"
 
 SDOT_INTRIN = "winoq_arm_sdot_4x4_i8i8i32"
+SDOT16_INTRIN = "winoq_arm_sdot_4x16_i8i8i32"
 SMMLA_INTRIN = "winoq_arm_smmla_2x2x8_i8i8i32"
 
 
 # ------------------------------------------------------------------------------------ intrinsics
+# A: v_q (one tile: 4 or 16 channels; smmla: two tiles x 8 channels, row stride C), B: packed U
+# ([k][c] 16-byte blocks; sdot16: 4 such blocks, one per 4-channel lane, stride K*4), C: int32
+# accumulators (4 output channels; smmla: the row-major 2x2 (tile, channel) block).
 @T.prim_func(s_tir=True)
 def _sdot_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "int8", offset_factor=1)
@@ -83,6 +91,44 @@ def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 @T.prim_func(s_tir=True)
+def _sdot16_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    sb = T.int32()
+    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4, 4), "int8", strides=[sb, 4, 1], offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
+        T.writes(C[0:4])
+        for i, j in T.grid(4, 16):
+            with T.sblock("update"):
+                vi, vj = T.axis.remap("SR", [i, j])
+                C[vi] = C[vi] + T.Cast("int32", A[vj]) * T.Cast("int32", B[vj // 4, vi, vj % 4])
+
+
+def _sdot_lanes(acc: tirx.PrimExpr, a: tirx.PrimExpr, b: tirx.Buffer) -> tirx.PrimExpr:
+    """Four by-element SDOTs: ``acc += b[l] . a.4b[l]`` for the 4-byte lanes ``l`` of the int8x16 ``a``."""
+    a32 = tirx.call_intrin("int32x4", "tirx.reinterpret", a)
+    for lane in range(4):
+        dup = tirx.Shuffle([a32], [tirx.const(lane, "int32")] * 4)
+        acc = tirx.call_llvm_pure_intrin(
+            "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
+            b.vload([lane, 0, 0], "int8x16"), tirx.call_intrin("int8x16", "tirx.reinterpret", dup))
+    return acc
+
+
+@T.prim_func(s_tir=True)
+def _sdot16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    sb = T.int32()
+    A = T.match_buffer(a, (16,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4, 4), "int8", strides=[sb, 4, 1], offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:16], B[0:4, 0:4, 0:4])
+        T.writes(C[0:4])
+        C[T.ramp(0, 1, 4)] = _sdot_lanes(C.vload([0], "int32x4"), A.vload([0], "int8x16"), B)
+
+
+@T.prim_func(s_tir=True)
 def _smmla_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
     sa = T.int32()
     A = T.match_buffer(a, (2, 8), "int8", strides=[sa, 1], offset_factor=1)
@@ -91,9 +137,9 @@ def _smmla_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
         T.writes(C[0:2, 0:2])
-        for i, j, l in T.grid(2, 2, 8):
+        for i, j, r in T.grid(2, 2, 8):
             with T.sblock("update"):
-                vi, vj, vl = T.axis.remap("SSR", [i, j, l])
+                vi, vj, vl = T.axis.remap("SSR", [i, j, r])
                 C[vi, vj] = C[vi, vj] + T.Cast("int32", A[vi, vl]) * T.Cast("int32", B[vj, vl])
 
 
@@ -121,6 +167,7 @@ def _smmla_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 def _register() -> None:
     TensorIntrin.register(SDOT_INTRIN, _sdot_desc, _sdot_impl, override=True)
+    TensorIntrin.register(SDOT16_INTRIN, _sdot16_desc, _sdot16_impl, override=True)
     TensorIntrin.register(SMMLA_INTRIN, _smmla_desc, _smmla_impl, override=True)
 
 
@@ -137,16 +184,16 @@ def gemm_features(target: tvm.target.Target) -> tuple[bool, bool]:
     return dot or mm, mm
 
 
-def _blocks(sch: Schedule, name: str) -> object:
-    return sch.get_sblock(name)
-
-
 def _gemm_shape(sch: Schedule) -> dict[str, int]:
     """Static sizes of a ``gemm`` kernel: ``p, t, k, ng`` (groups), ``gg`` (group size), ``c``, ``cp``."""
     blk = sch.get(sch.get_sblock("gemm_acc"))
     p, t, k, ng, gg = (int(iv.dom.extent) for iv in blk.iter_vars)
     vq = next(r.source for r in blk.reads if r.source.name == "vq")
     return {"p": p, "t": t, "k": k, "ng": ng, "gg": gg, "c": int(vq.shape[2]), "cp": ng * gg}
+
+
+def _extent(sch: Schedule, loop: object) -> int:
+    return int(sch.get(loop).extent)
 
 
 def _tile_t(t: int, smmla: bool) -> int:
@@ -170,11 +217,15 @@ def _microkernel(sch: Schedule, acc: object, loops: list, smmla: bool) -> None:
         sch.unroll(t2)
         sch.unroll(k2)
     else:
+        wide = _extent(sch, rc) % 16 == 0  # 16 channels: one V load, four by-element sdots
         kb, k4 = sch.split(ki, [None, 4])
-        cb, c4 = sch.split(rc, [None, 4])
-        sch.reorder(cb, ti, kb, k4, c4)
+        cb, c4 = sch.split(rc, [None, 16 if wide else 4])
+        if wide:  # per U block all tiles (the 4 U vectors of a lane set stay in registers)
+            sch.reorder(cb, kb, ti, k4, c4)
+        else:
+            sch.reorder(cb, ti, kb, k4, c4)
         sch.decompose_reduction(acc, cb)
-        sch.tensorize(k4, SDOT_INTRIN)
+        sch.tensorize(k4, SDOT16_INTRIN if wide else SDOT_INTRIN)
         sch.unroll(ti)
         sch.unroll(kb)
     init = sch.get_loops(sch.get_sblock("gemm_acc_init"))
@@ -184,8 +235,12 @@ def _microkernel(sch: Schedule, acc: object, loops: list, smmla: bool) -> None:
         sch.vectorize(sch.fuse(*init[-2:]))
 
 
-def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int = 16) -> tirx.PrimFunc:
-    """Schedule the ``gemm`` kernel with the sdot/smmla micro-kernel (``cpu`` schedule where unsupported)."""
+def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int | None = None) -> tirx.PrimFunc:
+    """Schedule the ``gemm`` kernel with the sdot/smmla micro-kernel (``cpu`` schedule where unsupported).
+
+    ``lanes`` output channels per register block (default 8 for sdot, 16 for smmla: 16 int32x4
+    accumulators either way, the fastest choices under ``llvm-mca``).
+    """
     dot, mm = gemm_features(target)
     sch = Schedule(func)
     s = _gemm_shape(sch)
@@ -195,6 +250,7 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int = 1
     smmla = mm and tt % 2 == 0 and s["gg"] % 8 == 0
     if not smmla:
         tt = _tile_t(s["t"], False)
+    lanes = lanes or (16 if smmla else 8)
     kk = s["k"] if s["k"] <= lanes else _cpu._divisor(s["k"], (lanes, 8, 4))
     cw = 8 if smmla else 4
     debug = len(func.params) == 6
@@ -211,9 +267,7 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int = 1
     sch.parallel(pp)
     sch.unroll(pci)
     # the int32 accumulators: compact, k innermost (smmla: 2x2 (tile, channel) blocks)
-    if debug:
-        buf_blk = sch.cache_write(acc, "acc", "global")
-        del buf_blk
+    copy = sch.cache_write(acc, "acc", "global") if debug else None  # debug: acc is an output
     if smmla:
         sch.transform_layout(acc, ("write", 0),
                              lambda p, t, k, g: (p, g, t // 2, k // 2, t % 2, k % 2))
@@ -230,7 +284,6 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int = 1
         au, ati, aki, ag, arc = sch.get_loops(acc)[-5:]  # loops of (p, t, k, g, rc); p and g unit
         loops = [au, ag, ati, aki, arc]
     else:
-        copy = sch.get_sblock("gemm_acc_global")
         ap, at_, ak, ag, arc = sch.get_loops(acc)
         ato, ati = sch.split(at_, [None, tt])
         ako, aki = sch.split(ak, [None, kk])

@@ -19,8 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +40,12 @@ from tvm_winoq.targets import TargetPreset, get_preset  # noqa: E402
 
 pytestmark = [
     pytest.mark.tvm,
-    pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
-                       reason="no aarch64 cross gcc (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"),
+    pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross gcc "
+                       "(apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"),
 ]
 OBJDUMP = shutil.which("aarch64-linux-gnu-objdump")
-needs_objdump = pytest.mark.skipif(OBJDUMP is None, reason="no aarch64-linux-gnu-objdump (binutils-aarch64-linux-gnu)")
+needs_objdump = pytest.mark.skipif(OBJDUMP is None,
+                                   reason="no aarch64-linux-gnu-objdump (binutils-aarch64-linux-gnu)")
 
 C = K = 64
 HW = 14
@@ -70,19 +70,38 @@ class Layer:
     trace: object
 
 
-def _plan(tile: int, seed: int = 0) -> tuple[WinogradLayerPlan, torch.Tensor]:
+@dataclass(frozen=True)
+class Shape:
+    """A layer instance: ``F(tile, 3)``, channels, square input, padding, batch, channel group."""
+
+    tile: int
+    c: int = C
+    k: int = K
+    hw: int = HW
+    pad: int = 1
+    batch: int = 1
+    group: int = GROUP
+
+    @property
+    def name(self) -> str:
+        return f"f{self.tile}_c{self.c}_k{self.k}_{self.hw}_p{self.pad}_n{self.batch}_g{self.group}"
+
+
+def _plan(shape: Shape, seed: int = 0) -> tuple[WinogradLayerPlan, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, C, HW, HW, generator=g)
-    w = torch.randn(K, C, 3, 3, generator=g) * 0.1
-    b = torch.randn(K, generator=g) * 0.1
-    return plan_layer(w, b, (1, 1), groupwise(tile=tile, group=GROUP)), x
+    x = torch.randn(shape.batch, shape.c, shape.hw, shape.hw, generator=g)
+    w = torch.randn(shape.k, shape.c, 3, 3, generator=g) * 0.1
+    b = torch.randn(shape.k, generator=g) * 0.1
+    return plan_layer(w, b, (shape.pad, shape.pad), groupwise(tile=shape.tile, group=shape.group)), x
 
 
-def build_layer(tile: int, preset_name: str, out: Path, debug: bool = False) -> Layer:
-    """Schedule the three kernels of one layer with ``preset``'s family and export an aarch64 library."""
+def build_layer(tile: int | Shape, preset_name: str, out: Path, debug: bool = False) -> Layer:
+    """Schedule the three kernels of one layer (``F(tile, 3)`` at the default shape, or a :class:`Shape`)
+    with ``preset``'s family and export an aarch64 library."""
+    shape = tile if isinstance(tile, Shape) else Shape(tile)
     preset: TargetPreset = get_preset(preset_name)
     target = preset.tvm_target()
-    plan, x = _plan(tile)
+    plan, x = _plan(shape)
     spec = KernelSpec.from_plan(plan, tuple(x.shape))
     funcs = {"winoq_input": input_func(spec, debug), "winoq_gemm": gemm_func(spec, debug),
              "winoq_output": output_func(spec, debug)}
@@ -92,9 +111,10 @@ def build_layer(tile: int, preset_name: str, out: Path, debug: bool = False) -> 
     assert family is not None
     mod = family.schedule_winoq_kernels(mod, target)
     path = preset.export_library(tvm.compile(mod, target=target),
-                                 out / f"winoq_f{tile}_{preset_name}{'_debug' if debug else ''}.so")
+                                 out / f"winoq_{shape.name}_{preset_name}{'_debug' if debug else ''}.so")
     y, trace = winograd_conv2d_int(x, plan, return_trace=True)
-    return Layer(tile, preset_name, debug, path, spec, layer_constants(plan), x.numpy(), y.numpy(), trace)
+    return Layer(shape.tile, preset_name, debug, path, spec, layer_constants(plan), x.numpy(), y.numpy(),
+                 trace)
 
 
 def _tool(name: str, *args: str) -> str:
@@ -200,7 +220,8 @@ def check_trace(out: dict[str, np.ndarray], layer: Layer) -> None:
         ref = getattr(layer.trace, name).numpy()
         got = out[name].reshape(ref.shape)
         assert got.dtype == ref.dtype or name in ("s_x", "s_v", "s_m"), f"{name}: {got.dtype} vs {ref.dtype}"
-        assert np.array_equal(got, ref), f"{layer.preset} F({layer.tile},3) {name}: {np.sum(got != ref)} differ"
+        what = f"{layer.preset} F({layer.tile},3) {name}"
+        assert np.array_equal(got, ref), f"{what}: {np.sum(got != ref)} of {ref.size} differ"
     err = np.abs(out["y"] - layer.y).max() / np.abs(layer.y).max()
     assert err < 1e-5, f"y: max relative error {err}"
 
@@ -209,6 +230,19 @@ def check_trace(out: dict[str, np.ndarray], layer: Layer) -> None:
 @pytest.fixture(scope="module")
 def libdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("arm")
+
+
+@pytest.fixture(scope="module")
+def layers(libdir: Path) -> Callable[[int, str], Layer]:
+    """Production libraries, built on first use."""
+    cache: dict[tuple[int, str], Layer] = {}
+
+    def get(tile: int, preset: str) -> Layer:
+        if (tile, preset) not in cache:
+            cache[tile, preset] = build_layer(tile, preset, libdir)
+        return cache[tile, preset]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -262,9 +296,9 @@ def test_family_selection() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("tile", [4, 6])
 @pytest.mark.parametrize("preset", ["rpi5", "graviton3"])
-def test_gemm_uses_dot_product_instructions(tile: int, preset: str, libdir: Path) -> None:
+def test_gemm_uses_dot_product_instructions(tile: int, preset: str, layers: Callable) -> None:
     """Production kernels: sdot (rpi5) / smmla (graviton3) in the GEMM's code and nowhere else."""
-    layer = build_layer(tile, preset, libdir)
+    layer = layers(tile, preset)
     gemm, rest = function_code(layer.path, "__tvm_ffi_winoq_gemm")
     spec = layer.spec
     smmla = preset == "graviton3" and spec.tiles % 2 == 0  # the i8mm kernel pairs tiles (else sdot)
@@ -299,6 +333,31 @@ def test_debug_kernels_bit_exact_on_board(preset: str, debug_layers: dict, board
         check_trace(run_on_board(remote, layer), layer)
 
 
+# (shape, GEMM micro-kernel on rpi5, on graviton3)
+MORE_SHAPES = [
+    (Shape(2, c=32, k=40, hw=9, batch=2, group=8), "sdot", "smmla"),  # 4x4 sdot, K = 40: 8-wide blocks
+    (Shape(6, c=96, k=32, hw=11, pad=0, group=16), "sdot", "smmla"),  # 4x16 sdot, 4 tiles
+    (Shape(4, c=48, k=24, hw=10, group=32), None, None),  # partial last group: the cpu GEMM
+]
+
+
+@pytest.mark.board
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["rpi5", "graviton3"])
+def test_more_shapes_bit_exact_on_board(preset: str, libdir: Path, board_max: dict) -> None:
+    """Other micro-kernel variants and the fallback: groups of 8/16, batch 2, K not a multiple of 16."""
+    remote = connect(rpc=board_max["rpc"], timeout=60, session_timeout=600)
+    for shape, rpi5_ins, graviton_ins in MORE_SHAPES:
+        layer = build_layer(shape, preset, libdir, debug=True)
+        if OBJDUMP:
+            gemm, rest = function_code(layer.path, "__tvm_ffi_winoq_gemm")
+            ins = rpi5_ins if preset == "rpi5" else graviton_ins
+            for mnemonic in ("sdot", "smmla"):
+                assert (_count(gemm, mnemonic) > 0) == (mnemonic == ins), (shape, mnemonic)
+                assert _count(rest, mnemonic) == 0
+        check_trace(run_on_board(remote, layer), layer)
+
+
 @pytest.mark.board
 @pytest.mark.slow
 def test_rpi4_kernels_bit_exact_on_cortex_a72_board(debug_layers: dict, board_a72: dict) -> None:
@@ -307,6 +366,32 @@ def test_rpi4_kernels_bit_exact_on_cortex_a72_board(debug_layers: dict, board_a7
     for tile in (4, 6):
         layer = debug_layers[tile, "rpi4"]
         check_trace(run_on_board(remote, layer), layer)
+
+
+@pytest.mark.board
+@pytest.mark.slow
+def test_relax_model_on_board(board_max: dict, libdir: Path) -> None:
+    """The Relax flow for rpi5 (conv -> our sdot kernels, ReLU -> the cpu family) in the board's VM,
+    against the same model built for this host (integer stages equal; floats to rounding)."""
+    from torch import nn
+
+    from tvm_winoq.relax.build import compile_model
+    from tvm_winoq.rpc import remote_bench
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, K, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 32, 16, 16)
+    rpi5 = get_preset("rpi5")
+    cm = compile_model(model, x, groupwise(tile=4), target=rpi5.tvm_target())
+    assert [r.rewritten for r in cm.records] == [True]
+    lib = rpi5.export_library(cm.executable, libdir / "model_rpi5.so")
+    if OBJDUMP:
+        assert _count([ins for _, ins in disassemble(lib)], "sdot") > 0
+    res = remote_bench(lib, [x.numpy()], rpc=board_max["rpc"], timeout=60, number=1, repeat=1)
+    host = compile_model(model, x, groupwise(tile=4), target={"kind": "llvm", "num-cores": 2}).runner()(x)
+    got = res["outputs"][0]
+    assert got.shape == host.shape
+    assert np.abs(got - host).max() <= 1e-5 * np.abs(host).max()
 
 
 # ----------------------------------------------------------------------------------- llvm-mca estimate
@@ -332,20 +417,26 @@ def inner_loop(code: list[tuple[int, str]], mnemonic: str) -> list[str]:
     return best
 
 
+_BRANCH = re.compile(r"(b|bl|b\.\w+|cbn?z|tbn?z|ret)$")
+
+
 @needs_objdump
 @pytest.mark.slow
 @pytest.mark.skipif(_mca() is None, reason="no llvm-mca")
-def test_llvm_mca_estimate_of_the_sdot_loop(libdir: Path) -> None:
-    """Cycles per iteration of the rpi5 GEMM's innermost sdot loop on a Cortex-A76 (llvm-mca)."""
-    layer = build_layer(4, "rpi5", libdir)
-    loop = inner_loop(disassemble(layer.path), "sdot")
-    assert loop, "no loop around the sdot micro-kernel"
-    asm = "\n".join(re.sub(r"\s+<.*>$", "", ins) if not ins.startswith("b") else "nop" for ins in loop)
-    res = subprocess.run([_mca(), "-mtriple=aarch64", "-mcpu=cortex-a76", "-iterations=100"],
-                         input=asm + "\n", capture_output=True, text=True)
+@pytest.mark.parametrize(("preset", "ins", "cpu", "macs"),
+                         [("rpi5", "sdot", "cortex-a76", 16), ("graviton3", "smmla", "neoverse-v1", 32)])
+def test_llvm_mca_estimate_of_the_gemm_loop(layers: Callable, preset: str, ins: str, cpu: str,
+                                            macs: int) -> None:
+    """Cycles per iteration of the GEMM's innermost sdot/smmla loop (llvm-mca; LLVM 14 models these
+    cores with its Cortex-A57 scheduling model, so take the numbers as rough)."""
+    loop = inner_loop(disassemble(layers(4, preset).path), ins)
+    assert loop, f"no loop around the {ins} micro-kernel"
+    asm = "\n".join("nop" if _BRANCH.match(x.split()[0]) else re.sub(r"\s+(<.*>|//.*)$", "", x) for x in loop)
+    res = subprocess.run([_mca(), "-mtriple=aarch64", f"-mcpu={cpu}", "-mattr=+dotprod,+i8mm",
+                          "-iterations=100"], input=asm + "\n", capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     cyc = float(re.search(r"Total Cycles:\s+(\d+)", res.stdout).group(1)) / 100
-    n_sdot = _count(loop, "sdot")
-    print(f"\nllvm-mca cortex-a76: {len(loop)} instructions, {n_sdot} sdot, {cyc:.1f} cycles/iteration, "
-          f"{16 * n_sdot / cyc:.1f} int8 MAC/cycle")
-    assert n_sdot > 0 and cyc > 0
+    n = _count(loop, ins)
+    print(f"\nllvm-mca {cpu}: {len(loop)} instructions, {n} {ins}, {cyc:.1f} cycles/iteration, "
+          f"{macs * n / cyc:.1f} int8 MAC/cycle")
+    assert n > 0 and cyc > 0

@@ -115,6 +115,57 @@ def _cmd_run(a: argparse.Namespace) -> None:
         Path(a.json).write_text(json.dumps(res, indent=1))
 
 
+def _cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import bench_job
+
+    bench_job(
+        Path(a.out_dir),
+        rpc=a.rpc,
+        tracker=a.tracker,
+        key=a.key,
+        local=a.local,
+        number=a.number,
+        repeat=a.repeat,
+        min_repeat_ms=a.min_repeat_ms,
+        layers=not a.no_layers,
+        threads=a.threads,
+        timeout=a.timeout,
+        json_path=Path(a.json) if a.json else None,
+    )
+
+
+def _cmd_tune(a: argparse.Namespace) -> None:
+    from .pipeline import CompileOptions
+    from .tune import tune_job
+
+    layers = dict(item.split("=", 1) for item in a.layer) if a.layer else {}
+    opts = CompileOptions(
+        model=a.model,
+        target=a.target,
+        tile=a.tile,
+        group=a.group,
+        scales=a.scales,
+        steps=a.steps,
+        seed=a.seed,
+        input_size=a.input_size,
+        keep_params=a.keep_params,
+        layers=layers,
+    )
+    res = tune_job(
+        opts,
+        a.trials,
+        rpc=a.rpc,
+        tracker=a.tracker,
+        key=a.key,
+        timeout=a.timeout,
+        log_dir=a.log_dir,
+        trials_per_iter=a.trials_per_iter,
+        tasks=a.tasks,
+    )
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``winoq`` argument parser."""
     p = argparse.ArgumentParser(prog="winoq", description="Data-free group-wise int8 Winograd for TVM")
@@ -195,6 +246,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="threads for both runtimes (default: all cores)")
     r.add_argument("--json", default=None, help="also write the result as JSON")
     r.set_defaults(func=_cmd_run)
+
+    b = sub.add_parser("bench", help="time a compiled module end to end and per PrimFunc")
+    b.add_argument("out_dir", help="a `winoq compile` output folder")
+    bdev = b.add_mutually_exclusive_group(required=True)
+    bdev.add_argument("--rpc", default=None, help="HOST:PORT of an RPC server (board, tvm.exec.rpc_server)")
+    bdev.add_argument("--tracker", default=None, help="HOST:PORT of an RPC tracker (with --key)")
+    bdev.add_argument("--local", action="store_true", help="run in this process")
+    b.add_argument("--key", default="", help="device key at the tracker (default: the preset's rpc_key)")
+    b.add_argument("--number", type=int, default=5, help="runs per measurement")
+    b.add_argument("--repeat", type=int, default=5, help="measurements (median and min are reported)")
+    b.add_argument("--min-repeat-ms", type=int, default=0, help="grow --number up to this")
+    b.add_argument("--no-layers", action="store_true", help="end to end only (no per-PrimFunc times)")
+    b.add_argument("--threads", type=int, default=None, help="device runtime threads")
+    b.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent device is given up")
+    b.add_argument("--json", default=None, help="result file (default OUT_DIR/bench.json)")
+    b.set_defaults(func=_cmd_bench)
+
+    tu = sub.add_parser("tune", help="MetaSchedule-tune a model's PrimFuncs for a preset (resumable)")
+    tu.add_argument("model", help="registered model name or a .py file (as for compile)")
+    tu.add_argument("--target", default="host", help="target preset (see `winoq targets`)")
+    tu.add_argument("--trials", type=int, required=True, help="measured trials per task (PrimFunc)")
+    tdev = tu.add_mutually_exclusive_group()
+    tdev.add_argument("--rpc", default=None, help="measure on the RPC server HOST:PORT")
+    tdev.add_argument("--tracker", default=None, help="measure on a device of an RPC tracker HOST:PORT")
+    tu.add_argument("--key", default="", help="device key at the tracker")
+    tu.add_argument("--tile", type=int, default=6)
+    tu.add_argument("--group", type=int, default=32)
+    tu.add_argument("--scales", default="learned", help="standard | learned | learned-per-layer")
+    tu.add_argument("--steps", type=int, default=600)
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--input-size", type=int, default=None)
+    tu.add_argument("--keep-params", action="store_true")
+    tu.add_argument("--layer", action="append", metavar="NAME=CHOICE", help="per-layer override (as compile)")
+    tu.add_argument("--timeout", type=float, default=120.0, help="seconds per build / measurement")
+    tu.add_argument("--trials-per-iter", type=int, default=None, help="candidates per task and round")
+    tu.add_argument("--tasks", default="all", choices=["all", "winoq", "ops"], help="which PrimFuncs to tune")
+    tu.add_argument("--log-dir", default=None, help="database folder (default tune_logs/<preset>/<model>/)")
+    tu.add_argument("--json", default=None, help="also write the result as JSON")
+    tu.set_defaults(func=_cmd_tune)
 
     tg = sub.add_parser("targets", help="list the target presets")
     tg.set_defaults(func=_cmd_targets)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,9 +87,21 @@ def _phase(name: str, log: Callable[[str], None]):
     return _P()
 
 
-def compile_job(opts: CompileOptions, out_dir: Path, log: Callable[[str], None] = print) -> dict:
-    """Run the compile phases and write ``out_dir`` (module.so, module.json, config.json, report.txt)."""
-    from .relax.build import compile_model
+@dataclass
+class PreparedJob:
+    """What the ``load`` and ``finetune`` phases produce (shared by ``winoq compile`` and ``winoq tune``)."""
+
+    preset: Any
+    model: nn.Module
+    example_input: torch.Tensor
+    spec: str
+    cfg: Any
+    scales: Any
+    finetune: Any
+
+
+def prepare_job(opts: CompileOptions, log: Callable[[str], None] = print) -> PreparedJob:
+    """Run the ``load`` and ``finetune`` phases of ``opts`` (the model, its input, config and scales)."""
     from .scale_cache import finetune_cached
     from .targets import get_preset
 
@@ -111,15 +124,44 @@ def compile_job(opts: CompileOptions, out_dir: Path, log: Callable[[str], None] 
             scales = ft.per_layer if s.per_layer else ft.shared
             how = "cached scales" if cached else f"finetuned in {ft.seconds:.0f} s"
             log(f"  {how} (Gaussian inputs only)")
+    return PreparedJob(preset, model, x, spec, cfg, scales, ft)
+
+
+def compile_job(
+    opts: CompileOptions,
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+    database: str | Path | bool | None = None,
+) -> dict:
+    """Run the compile phases and write ``out_dir`` (module.so, module.json, config.json, report.txt).
+
+    ``database``: ``None`` applies the ``winoq tune`` log of this preset and model when one exists
+    (``tune_logs/<preset>/<model>/``), a path applies that log, ``False`` uses the hand schedules only.
+    A corrupt or foreign log raises :class:`~tvm_winoq.errors.TuneLogError`.
+    """
+    from .relax.build import compile_model
+    from .tune import resolve_tune_log
+
+    job = prepare_job(opts, log)
+    preset, model, x, spec, cfg, scales, ft = (
+        job.preset, job.model, job.example_input, job.spec, job.cfg, job.scales, job.finetune
+    )
+    tune_log = resolve_tune_log(database, opts, spec, preset.tvm_target(), log)
     with _phase("build", log):
         compiled = compile_model(
-            model, x, cfg, target=preset.tvm_target(), scales=scales, keep_params_as_input=opts.keep_params
+            model, x, cfg, target=preset.tvm_target(), scales=scales, keep_params_as_input=opts.keep_params,
+            database=tune_log,
         )
     rewritten = [r for r in compiled.records if r.rewritten]
     report = [
         f"{len(rewritten)} of {len(compiled.records)} conv2d rewritten to int8 Winograd F({opts.tile},3)"
     ]
     report += [_record_line(r) for r in compiled.records]
+    if tune_log is not None:
+        report.append(
+            f"{len(compiled.tuned)} PrimFuncs use tuned schedules from {tune_log.path}"
+            + (": " + ", ".join(compiled.tuned) if compiled.tuned else " (none matched this configuration)")
+        )
     log("\n".join(report))
     meta = {
         "model": spec,
@@ -131,6 +173,8 @@ def compile_job(opts: CompileOptions, out_dir: Path, log: Callable[[str], None] 
         if scales is None
         else ({k: v.to_dict() for k, v in scales.items()} if isinstance(scales, dict) else scales.to_dict()),
         "finetune_report": ft.report if ft else [],
+        "tune_log": str(tune_log.path) if tune_log is not None else None,
+        "tuned": list(compiled.tuned),
     }
     with _phase("export", log):
         _export_atomic(out_dir, compiled, preset, meta, "\n".join(report) + "\n")
@@ -299,4 +343,5 @@ def run_job(
     return result
 
 
-__all__ = ["CompileOptions", "ModelError", "compile_job", "read_compiled", "run_job"]
+__all__ = ["CompileOptions", "ModelError", "PreparedJob", "compile_job", "prepare_job", "read_compiled",
+           "run_job"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .kernels import KernelSpec, gemm_func, input_func, layer_constants, output_
 from .rewrite import RewriteRecord, WinogradRewrite
 
 __all__ = ["CompiledModel", "LayerExecutable", "LoadedModel", "compile_layer", "compile_model", "host_target",
-           "load", "lower"]
+           "load", "lower", "prepare_module", "tuned_functions"]
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
@@ -57,18 +58,22 @@ def _as_target(target: tvm.target.Target | str | dict | None) -> tvm.target.Targ
     return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
 
 
-def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -> tvm.IRModule:
+def lower(
+    mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True, database: Any = None
+) -> tvm.IRModule:
     """Legalize and fuse the Relax ops, and schedule every PrimFunc for ``target``.
 
     Our Winograd kernels get the hand-written schedules of the target's family in ``schedules/``
     (see :mod:`.schedules`); the legalized remaining operators get that family's generic schedule.
-    With ``schedule=False`` everything stays naive TIR.
+    With ``schedule=False`` everything stays naive TIR (the module ``winoq tune`` extracts tasks from).
+    A ``database`` (:class:`tvm_winoq.tune.TuneLog`) is applied to the fused module first: its tuned
+    PrimFuncs (attribute ``winoq.tuned``) win over the hand schedules, which schedule the rest.
     """
     from .schedules import schedules_for
 
     family = schedules_for(target) if schedule else None
     with target:
-        if family is not None:
+        if family is not None and database is None:
             mod = family.schedule_winoq_kernels(mod, target)
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
@@ -79,9 +84,21 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ])(mod)
+        if database is not None:
+            from ..tune import apply_database
+
+            mod = apply_database(mod, target, database)
+            if family is not None:
+                mod = family.schedule_winoq_kernels(mod, target)
         if family is not None:
             mod = family.schedule_other_ops(mod, target)
     return mod
+
+
+def tuned_functions(mod: tvm.IRModule) -> list[str]:
+    """Names of the PrimFuncs of a lowered module that use tuning-database schedules."""
+    return sorted(gv.name_hint for gv, f in mod.functions.items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "winoq.tuned" in f.attrs)
 
 
 @dataclass
@@ -92,6 +109,7 @@ class CompiledModel:
     input_shape: tuple[int, ...]
     records: list[RewriteRecord]
     target: str
+    tuned: list[str] = field(default_factory=list)
 
     def export(self, path: str | Path) -> Path:
         """Write ``path`` (shared library) and ``path.with_suffix('.json')`` (metadata)."""
@@ -140,6 +158,7 @@ def compile_model(
     keep_params_as_input: bool = False,
     winograd: bool = True,
     schedule: bool = True,
+    database: Any = None,
 ) -> CompiledModel:
     """Import ``model``, rewrite its eligible convs to quantized Winograd and build for ``target``.
 
@@ -160,12 +179,48 @@ def compile_model(
         ``False`` builds the plain float model (the baseline).
     schedule : bool
         Apply the CPU schedules (``False``: naive TIR).
+    database : TuneLog, str or Path, optional
+        ``winoq tune`` log (:func:`tvm_winoq.tune.read_tune_log`, or its folder) whose tuned schedules
+        replace the hand schedules of the PrimFuncs it covers (``CompiledModel.tuned`` names them).
 
     Returns
     -------
     CompiledModel
     """
     tgt = _as_target(target)
+    if isinstance(database, str | Path):
+        from ..tune import read_tune_log
+
+        database = read_tune_log(database, tgt)
+    mod, input_shape, records = prepare_module(model, example_input, cfg, scales=scales,
+                                               keep_params_as_input=keep_params_as_input, winograd=winograd)
+    mod = lower(mod, tgt, schedule=schedule, database=database)
+    try:
+        ex = tvm.compile(mod, target=tgt)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{type(model).__name__}: TVM build failed: {e}") from e
+    return CompiledModel(ex, input_shape, records, str(tgt), tuned_functions(mod))
+
+
+def prepare_module(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    cfg: WinoQConfig,
+    *,
+    scales: LayerScales | Mapping[str, LayerScales] | None = None,
+    keep_params_as_input: bool = False,
+    winograd: bool = True,
+) -> tuple[tvm.IRModule, tuple[int, ...], list[RewriteRecord]]:
+    """Import ``model`` and rewrite its eligible convs: the Relax module that :func:`lower` takes.
+
+    Returns
+    -------
+    mod : IRModule
+        Weights bound, Winograd kernels (``winoq.kernel`` PrimFuncs) in place, nothing lowered.
+    input_shape : tuple of int
+    records : list of RewriteRecord
+        One per convolution (rewritten or why not).
+    """
     imp = import_model(model, example_input, keep_params_as_input=keep_params_as_input)
     mod = relax.transform.FoldConstant()(bind_params(imp.mod, imp.params))
     records: list[RewriteRecord] = []
@@ -173,12 +228,7 @@ def compile_model(
         rw = WinogradRewrite(cfg, scales, imp.layer_names)
         mod = rw(mod)
         records = list(rw.records)
-    mod = lower(mod, tgt, schedule=schedule)
-    try:
-        ex = tvm.compile(mod, target=tgt)
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{type(model).__name__}: TVM build failed: {e}") from e
-    return CompiledModel(ex, imp.input_shape, records, str(tgt))
+    return mod, imp.input_shape, records
 
 
 @dataclass

@@ -270,7 +270,7 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         tmp = T.sblock_alloc_buffer((t, n, n, c), "int32")  # BT_int d (per tile)
         vs = T.sblock_alloc_buffer((n, n, t, c), "float32")  # V_s = float(BT_int d BT_int^T) * beta
         vmax = T.sblock_alloc_buffer((p, t, gv), "float32")
-        vlane = T.sblock_alloc_buffer((p, gv, lv), "float32")
+        vlane = T.sblock_alloc_buffer((t, p, gv, lv), "float32")  # per tile: GPU schedules move blocks
         for i0, i1, i2, i3 in T.grid(nb, c, h, w):
             with T.sblock("x_absmax"):
                 v0, v1, v2, v3 = T.axis.remap("RRRR", [i0, i1, i2, i3])
@@ -303,8 +303,8 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                     v0 = T.axis.spatial(t, it)
                     v1, v2, v3, v4 = T.axis.remap("SSSR", [i0, i1, i2, i3])
                     with T.init():
-                        vlane[v1, v2, v3] = T.float32(0)
-                    vlane[v1, v2, v3] = T.max(vlane[v1, v2, v3], T.fabs(
+                        vlane[v0, v1, v2, v3] = T.float32(0)
+                    vlane[v0, v1, v2, v3] = T.max(vlane[v0, v1, v2, v3], T.fabs(
                         vs[v1 // n, v1 % n, v0, _clamp_index(v2 * gs + v4 * lv + v3, c, gv * gs)]))
             for i0, i1, i2 in T.grid(p, gv, lv):
                 with T.sblock("v_absmax"):
@@ -312,7 +312,7 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                     v1, v2, v3 = T.axis.remap("SSR", [i0, i1, i2])
                     with T.init():
                         vmax[v1, v0, v2] = T.float32(0)
-                    vmax[v1, v0, v2] = T.max(vmax[v1, v0, v2], vlane[v1, v2, v3])
+                    vmax[v1, v0, v2] = T.max(vmax[v1, v0, v2], vlane[v0, v1, v2, v3])
             for i0, i1 in T.grid(p, gv):
                 with T.sblock("v_scale"):
                     v0 = T.axis.spatial(t, it)
