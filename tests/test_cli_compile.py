@@ -51,6 +51,7 @@ def test_compile_and_run_user_model(tmp_path, model_file, monkeypatch, capsys):
         (["--target", "rpi9"], "unknown target preset"),
         (["--scales", "magic"], "scales"),
         (["--layer", "0=f5"], "layers"),
+        (["--layer", "nochoice"], "name=choice"),
         (["--tile", "1"], "tile"),
     ],
 )

@@ -88,11 +88,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         print(f"wrote {write_study(res, Path(a.out))}")
 
 
-def _cmd_compile(a: argparse.Namespace) -> None:
-    from .pipeline import CompileOptions, compile_job
+def _compile_options(a: argparse.Namespace):
+    """The CompileOptions shared by ``compile`` and ``tune``."""
+    from .pipeline import CompileOptions, parse_layer_overrides
 
-    layers = dict(item.split("=", 1) for item in a.layer) if a.layer else {}
-    opts = CompileOptions(
+    return CompileOptions(
         model=a.model,
         target=a.target,
         tile=a.tile,
@@ -102,9 +102,14 @@ def _cmd_compile(a: argparse.Namespace) -> None:
         seed=a.seed,
         input_size=a.input_size,
         keep_params=a.keep_params,
-        layers=layers,
+        layers=parse_layer_overrides(a.layer or []),
     )
-    compile_job(opts, Path(a.out))
+
+
+def _cmd_compile(a: argparse.Namespace) -> None:
+    from .pipeline import compile_job
+
+    compile_job(_compile_options(a), Path(a.out))
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
@@ -135,22 +140,9 @@ def _cmd_bench(a: argparse.Namespace) -> None:
 
 
 def _cmd_tune(a: argparse.Namespace) -> None:
-    from .pipeline import CompileOptions
     from .tune import tune_job
 
-    layers = dict(item.split("=", 1) for item in a.layer) if a.layer else {}
-    opts = CompileOptions(
-        model=a.model,
-        target=a.target,
-        tile=a.tile,
-        group=a.group,
-        scales=a.scales,
-        steps=a.steps,
-        seed=a.seed,
-        input_size=a.input_size,
-        keep_params=a.keep_params,
-        layers=layers,
-    )
+    opts = _compile_options(a)
     res = tune_job(
         opts,
         a.trials,

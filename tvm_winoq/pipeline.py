@@ -50,6 +50,17 @@ class CompileOptions:
             raise ConfigError(f"input_size: must be >= 8, got {self.input_size}")
 
 
+def parse_layer_overrides(items: list[str]) -> dict[str, str]:
+    """``["name=f4", ...]`` -> ``{"name": "f4"}`` (values are validated by :class:`WinoQConfig`)."""
+    out = {}
+    for item in items:
+        name, sep, choice = item.partition("=")
+        if not sep or not name or not choice:
+            raise ConfigError(f"layers: expected NAME=CHOICE (e.g. basenet.slice1.0=f2), got {item!r}")
+        out[name] = choice
+    return out
+
+
 def load_model(spec: str, input_size: int | None = None) -> tuple[nn.Module, torch.Tensor, str]:
     """A registered model name or a ``.py`` file -> ``(model, example input, canonical spec)``."""
     from .models import get_model, load_model_file
@@ -144,12 +155,23 @@ def compile_job(
 
     job = prepare_job(opts, log)
     preset, model, x, spec, cfg, scales, ft = (
-        job.preset, job.model, job.example_input, job.spec, job.cfg, job.scales, job.finetune
+        job.preset,
+        job.model,
+        job.example_input,
+        job.spec,
+        job.cfg,
+        job.scales,
+        job.finetune,
     )
     tune_log = resolve_tune_log(database, opts, spec, preset.tvm_target(), log)
     with _phase("build", log):
         compiled = compile_model(
-            model, x, cfg, target=preset.tvm_target(), scales=scales, keep_params_as_input=opts.keep_params,
+            model,
+            x,
+            cfg,
+            target=preset.tvm_target(),
+            scales=scales,
+            keep_params_as_input=opts.keep_params,
             database=tune_log,
         )
     rewritten = [r for r in compiled.records if r.rewritten]
@@ -343,5 +365,12 @@ def run_job(
     return result
 
 
-__all__ = ["CompileOptions", "ModelError", "PreparedJob", "compile_job", "prepare_job", "read_compiled",
-           "run_job"]
+__all__ = [
+    "CompileOptions",
+    "ModelError",
+    "PreparedJob",
+    "compile_job",
+    "prepare_job",
+    "read_compiled",
+    "run_job",
+]
