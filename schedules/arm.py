@@ -305,7 +305,7 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int | N
 # ------------------------------------------------------------------------------------- entry points
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Schedule every ``winoq.kernel`` PrimFunc of ``mod``: ``cpu`` schedules, the GEMM tensorized."""
-    others = {"input": _cpu.schedule_input, "output": _cpu.schedule_output}
+    others = {"input": _cpu.schedule_input, "output": _cpu.schedule_output, "direct": _cpu.schedule_direct}
 
     @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleWinoqKernelsArm")
     def _pass(func: tirx.PrimFunc, m: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:

@@ -13,6 +13,7 @@ kernels produce the same bits as the naive ones (checked by ``tests/test_kernels
   channels vectorized (``k``-inner), then the fma dequantization vectorized over ``vk``.
 * ``output``: parallel over tile rows; M absmax/quantize and both transform stages computed per tile
   row, output channels vectorized; the NCHW store parallel over rows.
+* ``direct`` (int8 direct convolution): see :func:`schedule_direct`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-__all__ = ["schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
+__all__ = ["schedule_direct", "schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
            "schedule_winoq_kernels"]
 
 _SCHEDULED = "tirx.is_scheduled"
@@ -176,7 +177,44 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
-_SCHEDULES = {"input": schedule_input, "gemm": schedule_gemm, "output": schedule_output}
+def schedule_direct(func: tirx.PrimFunc, tile_w: int = 4, lanes: int = 16) -> tirx.PrimFunc:
+    """Schedule the int8 ``direct`` kernel: input quantization as in ``input``; the convolution as register
+    tiles of ``tile_w`` output columns x ``lanes`` output channels (int32 accumulators in registers,
+    channels vectorized, columns unrolled), parallel over (image, output row, channel block), with the
+    dequantization computed per tile right after its accumulation."""
+    sch = Schedule(func)
+    _absmax_rfactor(sch, "x_absmax")
+    n, h, _, c = sch.get_loops(sch.get_sblock("x_quant"))
+    sch.parallel(sch.fuse(n, h))
+    _vectorize(sch, c)
+    blk = sch.get_sblock("conv_acc")
+    n, oh, ow, k, *red = sch.get_loops(blk)
+    tw = _divisor(_extent(sch, ow), (tile_w, 7, 5, 6, 3, 2))
+    kk = _extent(sch, k) if _extent(sch, k) <= lanes else _divisor(_extent(sch, k), (lanes, 8, 4))
+    owo, owi = sch.split(ow, [None, tw])
+    ko, ki = sch.split(k, [None, kk])
+    sch.reorder(n, oh, ko, owo, *red, owi, ki)
+    row = sch.fuse(n, oh, ko)
+    sch.parallel(row)
+    local = sch.cache_write(blk, 0, "local")
+    sch.unroll(owi)
+    sch.vectorize(ki)
+    sch.decompose_reduction(blk, red[0])
+    sch.vectorize(sch.get_loops(sch.get_sblock("conv_acc_init"))[-1])
+    sch.reverse_compute_at(local, owo)
+    sch.vectorize(sch.get_loops(local)[-1])
+    dq = sch.get_sblock("dequant")
+    try:  # per (image, row, channel block): the tile is dequantized while it is in cache
+        sch.reverse_compute_at(dq, row)
+    except Exception:  # noqa: BLE001 - a separate loop nest, parallel over (image, channel)
+        n, k, _, ow = sch.get_loops(dq)
+        sch.parallel(sch.fuse(n, k))
+        _vectorize(sch, ow, 8)
+    return sch.mod["main"].with_attr(_SCHEDULED, True)
+
+
+_SCHEDULES = {"input": schedule_input, "gemm": schedule_gemm, "output": schedule_output,
+              "direct": schedule_direct}
 
 
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

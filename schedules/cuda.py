@@ -21,6 +21,8 @@ one thread; no thread reads what another thread of the same launch wrote, so no 
   accumulates per (p, t, k, g) thread and dequantizes in a second launch.
 * ``output``: every stage (M absmax lanes, absmax, scale, quantize, both transform stages, NCHW store)
   its own launch over its spatial iterations; reductions serial per thread, in the kernel's order.
+* ``direct`` (int8 direct convolution): input quantization as in ``input``, one thread per output
+  element, the dequantization its own launch.
 
 Bit exactness: the integer stages are exact in any order and the fma chain over groups keeps its
 order.  TVM compiles CUDA with ``--use_fast_math`` (approximate ``a / b``), so every float32 division
@@ -37,8 +39,8 @@ from tvm import tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
-__all__ = ["DP4A_INTRIN", "exact_float_ops", "schedule_gemm", "schedule_input", "schedule_other_ops",
-           "schedule_output", "schedule_winoq_kernels"]
+__all__ = ["DP4A_INTRIN", "exact_float_ops", "schedule_direct", "schedule_gemm", "schedule_input",
+           "schedule_other_ops", "schedule_output", "schedule_winoq_kernels"]
 
 _SCHEDULED = "tirx.is_scheduled"
 DP4A_INTRIN = "winoq_cuda_dp4a_s8s8s32"
@@ -131,10 +133,9 @@ def _largest_divisor(n: int, limit: int) -> int:
     return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
 
 
-def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Schedule the ``input`` kernel (see the module docstring)."""
-    sch = Schedule(exact_float_ops(func))
-    # |x| max: partial maxima of strided slices (rfactor, one per thread), then one thread folds them
+def _schedule_input_quant(sch: Schedule) -> None:
+    """``x_absmax``: partial maxima of strided slices (rfactor, one per thread), then one thread folds
+    them; ``x_scale`` one thread; ``x_quant`` one launch over its spatial loops."""
     xa = sch.get_sblock("x_absmax")
     fused = sch.fuse(*sch.get_loops(xa))
     lanes = _largest_divisor(_extent(sch, fused), 1024)
@@ -146,6 +147,12 @@ def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.bind(sch.add_unit_loop(sch.get_loops(xa)[0]), "threadIdx.x")
     sch.bind(sch.get_loops(sch.get_sblock("x_scale"))[0], "threadIdx.x")
     _bind_spatial(sch, "x_quant", 256)
+
+
+def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Schedule the ``input`` kernel (see the module docstring)."""
+    sch = Schedule(exact_float_ops(func))
+    _schedule_input_quant(sch)
     # per tile: [row, tile, group] threads when V groups are whole, else one thread per tile
     _, _, ng, lanes, per_lane = _spatial_extent(sch, "v_absmax_lanes")  # (t, p, Gv, lanes, group/lanes)
     c = _spatial_extent(sch, "v_quant")[2]  # (t, p, C)
@@ -248,7 +255,22 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
-_SCHEDULES = {"input": schedule_input, "gemm": schedule_gemm, "output": schedule_output}
+def schedule_direct(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Schedule the int8 ``direct`` kernel: input quantization as in ``input``; one thread per output
+    element (consecutive threads on consecutive output channels) accumulating its taps serially in an
+    int32 register; the dequantization its own launch."""
+    sch = Schedule(exact_float_ops(func))
+    _schedule_input_quant(sch)
+    blk = sch.get_sblock("conv_acc")
+    local = sch.cache_write(blk, 0, "local")
+    _bind_spatial(sch, "conv_acc")
+    sch.reverse_compute_at(local, sch.get_loops(blk)[-4])  # the thread loop (3 reduction loops follow)
+    _bind_spatial(sch, "dequant")
+    return sch.mod["main"].with_attr(_SCHEDULED, True)
+
+
+_SCHEDULES = {"input": schedule_input, "gemm": schedule_gemm, "output": schedule_output,
+              "direct": schedule_direct}
 
 
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

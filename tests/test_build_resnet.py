@@ -13,7 +13,7 @@ from tvm_winoq.convert import quantize_model
 from tvm_winoq.errors import ModelError
 from tvm_winoq.metrics import sqnr_db
 from tvm_winoq.models import get_model
-from tvm_winoq.relax.build import compile_model
+from tvm_winoq.relax.build import compile_model, load
 from tvm_winoq.relax.importer import import_model
 
 pytestmark = pytest.mark.tvm
@@ -74,6 +74,49 @@ def test_params_as_input_gives_same_executable_result():
     a = compile_model(model, x, cfg, target=TARGET).runner()(x)
     b = compile_model(model, x, cfg, target=TARGET, keep_params_as_input=True).runner()(x)
     np.testing.assert_array_equal(a, b)
+
+
+#: Runs an exported module with its params file using nothing but the TVM runtime and NumPy (``import tvm``
+#: itself pulls in parts of torch when it is installed, so only ``tvm_winoq`` is checked absent).
+RUNTIME_ONLY = """
+import json, sys
+import numpy as np
+import tvm
+from tvm import relax
+so, inp, out = sys.argv[1:]
+meta = json.loads(open(so[:-3] + ".json").read())
+params = tvm.runtime.load_param_dict(open(so[:-3] + ".params", "rb").read())
+vm = relax.VirtualMachine(tvm.runtime.load_module(so), tvm.cpu())
+y = vm["main"](tvm.runtime.tensor(np.load(inp)), *[params[n] for n in meta["params"]["names"]])
+np.save(out, y.numpy())
+assert not [m for m in sys.modules if m.startswith("tvm_winoq")], "needs more than the TVM runtime"
+"""
+
+
+def test_keep_params_exports_params_beside_module(tmp_path):
+    """Weights as separate params: the Winograd conv's weights are transformed offline (constants), the
+    others stay parameters, written beside the module and loaded in a fresh process by the bare runtime."""
+    model, x = _tiny()
+    cfg = groupwise(tile=2)
+    ref = compile_model(model, x, cfg, target=TARGET).runner()(x)
+    cm = compile_model(model, x, cfg, target=TARGET, keep_params_as_input=True)
+    assert list(cm.params) == ["p_down_weight", "p_down_bias", "p_fc_weight", "p_fc_bias"]
+    np.testing.assert_array_equal(cm.params["p_fc_weight"], model.fc.weight.detach().numpy())
+    so = cm.export(tmp_path / "tiny.so")
+    assert (tmp_path / "tiny.params").is_file()
+    np.save(tmp_path / "in.npy", x.numpy())
+    subprocess.run([sys.executable, "-c", RUNTIME_ONLY, str(so), str(tmp_path / "in.npy"),
+                    str(tmp_path / "out.npy")], check=True, timeout=600)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ref)
+    np.testing.assert_array_equal(_run_fresh_process(so, x.numpy(), tmp_path), ref)
+    np.testing.assert_array_equal(load(so)(x), ref)
+    direct = compile_model(model, x, cfg.with_(layers={"down": "direct"}), target=TARGET,
+                           keep_params_as_input=True)
+    assert [r.kind for r in direct.records] == ["winograd", "direct"]
+    assert list(direct.params) == ["p_fc_weight", "p_fc_bias"]
+    (tmp_path / "tiny.params").unlink()
+    with pytest.raises(ModelError, match="tiny.params"):
+        load(so)
 
 
 def test_export_failure_is_a_model_error():

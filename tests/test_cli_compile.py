@@ -45,6 +45,29 @@ def test_compile_and_run_user_model(tmp_path, model_file, monkeypatch, capsys):
     assert res["sqnr_db"] > 15 and res["top1_agree"] is True and res["ms_ours"] > 0
 
 
+def test_compile_keep_params_and_direct_layer(tmp_path, model_file, monkeypatch, capsys):
+    """``--keep-params`` writes module.params beside module.so and ``winoq run`` uses it; a
+    ``--layer NAME=direct`` conv becomes the int8 direct kernel."""
+    monkeypatch.setenv("WINOQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WINOQ_TUNE_LOGS_DIR", str(tmp_path / "tune_logs"))
+    out = tmp_path / "out"
+    args = ["compile", str(model_file), "--tile", "2", "--scales", "standard", "--keep-params",
+            "--layer", "5=direct", "-o", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "2 of 3 conv2d rewritten to int8 Winograd F(2,3), 1 to int8 direct" in text
+    assert "module.params" in text
+    assert {p.name for p in out.iterdir()} == {"module.so", "module.json", "module.params", "config.json",
+                                               "report.txt"}
+    sidecar = json.loads((out / "module.json").read_text())
+    assert sidecar["params"]["names"] == ["p_8_weight", "p_8_bias"]  # only the Linear stays a parameter
+    assert [r["kind"] for r in sidecar["records"]] == ["winograd", "winograd", "direct"]
+    res_path = tmp_path / "res.json"
+    assert main(["run", str(out), "--repeat", "2", "--threads", "1", "--json", str(res_path)]) == 0
+    res = json.loads(res_path.read_text())
+    assert res["sqnr_db"] > 15 and res["top1_agree"] is True
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

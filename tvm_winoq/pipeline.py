@@ -174,9 +174,11 @@ def compile_job(
             keep_params_as_input=opts.keep_params,
             database=tune_log,
         )
-    rewritten = [r for r in compiled.records if r.rewritten]
+    rewritten = [r for r in compiled.records if r.rewritten and r.kind != "direct"]
+    direct = sum(r.kind == "direct" for r in compiled.records)
     report = [
         f"{len(rewritten)} of {len(compiled.records)} conv2d rewritten to int8 Winograd F({opts.tile},3)"
+        + (f", {direct} to int8 direct" if direct else "")
     ]
     report += [_record_line(r) for r in compiled.records]
     if tune_log is not None:
@@ -200,13 +202,15 @@ def compile_job(
     }
     with _phase("export", log):
         _export_atomic(out_dir, compiled, preset, meta, "\n".join(report) + "\n")
-    log(f"wrote {out_dir}/ (module.so, module.json, config.json, report.txt)")
+    extra = ", module.params" if compiled.params else ""
+    log(f"wrote {out_dir}/ (module.so, module.json{extra}, config.json, report.txt)")
     return meta
 
 
 def _record_line(r) -> str:
     shape = f"{r.weight_shape[1]}->{r.weight_shape[0]}" if len(r.weight_shape) == 4 else "?"
-    return f"  {r.name:36s} {shape:>11s}  {'Winograd' if r.rewritten else 'left    '}  {r.reason}"
+    what = {"winograd": "Winograd", "direct": "direct  "}.get(r.kind, "left    ")
+    return f"  {r.name:36s} {shape:>11s}  {what}  {r.reason}"
 
 
 def _export_atomic(out_dir: Path, compiled, preset, meta: dict, report: str) -> None:
@@ -216,12 +220,7 @@ def _export_atomic(out_dir: Path, compiled, preset, meta: dict, report: str) -> 
     try:
         lib = stage / "module.so"
         preset.export_library(compiled.executable, lib)
-        sidecar = {
-            "input_shape": list(compiled.input_shape),
-            "target": compiled.target,
-            "records": [asdict(r) for r in compiled.records],
-        }
-        (stage / "module.json").write_text(json.dumps(sidecar, indent=1))
+        compiled.write_sidecars(lib)  # module.json (+ module.params with --keep-params)
         (stage / "config.json").write_text(json.dumps(meta, indent=1))
         (stage / "report.txt").write_text(report)
         if out_dir.exists():

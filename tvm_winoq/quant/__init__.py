@@ -1,11 +1,12 @@
 """Quantization: primitives, the offline layer plan, the integer reference and the fake-quant path."""
 
-from .baselines import direct_conv2d_int8, quantize_weight_per_channel
+from .baselines import DirectTrace, direct_conv2d_int8, quantize_weight_per_channel
 from .fakequant import winograd_conv2d_fakequant
 from .plan import LayerScales, WinogradLayerPlan, plan_layer, transforms_for
 from .reference import IntTrace, winograd_conv2d_int
 
 __all__ = [
+    "DirectTrace",
     "IntTrace",
     "LayerScales",
     "WinogradLayerPlan",

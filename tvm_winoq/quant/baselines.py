@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..config import QuantSpec
-from .ops import expand_groups, group_absmax, quantize, scale_from_absmax
+from .ops import expand_groups, group_absmax, int_dtype, quantize, scale_from_absmax
 from .reference import quantize_input
 
 
@@ -21,6 +23,22 @@ def quantize_weight_per_channel(weight: torch.Tensor, spec: QuantSpec) -> tuple[
     ), s_k.to(torch.float32)
 
 
+@dataclass
+class DirectTrace:
+    """Intermediate tensors of one int8 direct convolution (what the TIR ``direct`` kernel reproduces).
+
+    ``x_q`` [N,C,H,W] int8, ``s_x`` float32 scalar, ``w_q`` [K,C/groups,kh,kw] int8, ``s_w`` [K]
+    float32, ``acc`` [N,K,OH,OW] int32 (exact), ``y`` [N,K,OH,OW] float32.
+    """
+
+    x_q: torch.Tensor
+    s_x: torch.Tensor
+    w_q: torch.Tensor
+    s_w: torch.Tensor
+    acc: torch.Tensor
+    y: torch.Tensor
+
+
 def direct_conv2d_int8(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -31,8 +49,12 @@ def direct_conv2d_int8(
     stride: int | tuple[int, int] = 1,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
-) -> torch.Tensor:
-    """int8 direct convolution: per-tensor activations, per-channel weights, exact int32 accumulation."""
+    return_trace: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, DirectTrace]:
+    """int8 direct convolution: per-tensor activations, per-channel weights, exact int32 accumulation.
+
+    ``y = float32(acc) * (s_w * s_x) + bias``; with ``return_trace`` also the :class:`DirectTrace`.
+    """
     x_q, s_x = quantize_input(x, act_qmax)
     w_q, s_w = quantize_weight_per_channel(weight, spec_w)
     acc = F.conv2d(
@@ -41,4 +63,10 @@ def direct_conv2d_int8(
     y = acc.to(torch.float32) * (s_w * s_x)[None, :, None, None]
     if bias is not None:
         y = y + bias.to(torch.float32)[None, :, None, None]
-    return y
+    if not return_trace:
+        return y
+    fits = acc.abs().max().item() < 2**31 if acc.numel() else True
+    trace = DirectTrace(x_q=x_q.to(torch.int8 if act_qmax <= 127 else torch.int16), s_x=s_x,
+                        w_q=w_q.to(int_dtype(spec_w.bits)), s_w=s_w,
+                        acc=acc.to(torch.int32 if fits else torch.int64), y=y)
+    return y, trace

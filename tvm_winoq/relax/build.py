@@ -8,7 +8,9 @@
     y = runner(x.numpy())
 
 ``python -m tvm_winoq.relax.build run model.so in.npy out.npy`` runs an exported model in a fresh
-process (used by the tests).
+process (used by the tests).  With ``keep_params_as_input`` the weights the rewrite does not transform
+stay parameters of ``main``; ``export`` writes them beside the library (``model.params``,
+``tvm.runtime.save_param_dict`` format, their order in ``model.json``) and :func:`load` passes them.
 """
 
 from __future__ import annotations
@@ -103,47 +105,69 @@ def tuned_functions(mod: tvm.IRModule) -> list[str]:
 
 @dataclass
 class CompiledModel:
-    """A built model: the VM executable plus what the rewrite did."""
+    """A built model: the VM executable plus what the rewrite did.
+
+    ``params`` (name -> float array, in the order of ``main``'s trailing parameters) is empty unless the
+    model was compiled with ``keep_params_as_input``.
+    """
 
     executable: tvm.runtime.Executable
     input_shape: tuple[int, ...]
     records: list[RewriteRecord]
     target: str
     tuned: list[str] = field(default_factory=list)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
 
     def export(self, path: str | Path) -> Path:
-        """Write ``path`` (shared library) and ``path.with_suffix('.json')`` (metadata)."""
+        """Write ``path`` (shared library) and its sidecars (:meth:`write_sidecars`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.executable.export_library(str(path))
-        meta = {"input_shape": list(self.input_shape), "target": self.target,
-                "records": [asdict(r) for r in self.records]}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        self.write_sidecars(path)
         return path
+
+    def write_sidecars(self, lib_path: str | Path) -> list[Path]:
+        """Write ``lib_path.with_suffix('.json')`` (input shape, target, rewrite records, parameter names)
+        and, with parameters, ``lib_path.with_suffix('.params')`` (``tvm.runtime.save_param_dict``)."""
+        lib_path = Path(lib_path)
+        meta: dict[str, Any] = {"input_shape": list(self.input_shape), "target": self.target,
+                                "records": [asdict(r) for r in self.records]}
+        written = [lib_path.with_suffix(".json")]
+        if self.params:
+            pfile = lib_path.with_suffix(".params")
+            pfile.write_bytes(tvm.runtime.save_param_dict(
+                {n: tvm.runtime.tensor(np.ascontiguousarray(v)) for n, v in self.params.items()}))
+            meta["params"] = {"file": pfile.name, "names": list(self.params)}
+            written.append(pfile)
+        written[0].write_text(json.dumps(meta, indent=1))
+        return written
 
     def runner(self, device: tvm.runtime.Device | None = None) -> LoadedModel:
         """Run in this process (no export)."""
-        return LoadedModel(relax.VirtualMachine(self.executable, device or tvm.cpu()), self.input_shape)
+        dev = device or tvm.cpu()
+        params = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in self.params.values()]
+        return LoadedModel(relax.VirtualMachine(self.executable, dev), self.input_shape, params)
 
 
 @dataclass
 class LoadedModel:
-    """A loaded Relax VM: call it with a float32 NCHW array."""
+    """A loaded Relax VM: call it with a float32 NCHW array (``params`` are passed after it)."""
 
     vm: relax.VirtualMachine
     input_shape: tuple[int, ...]
+    params: list[tvm.runtime.Tensor] = field(default_factory=list)
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if tuple(arr.shape) != tuple(self.input_shape):
             raise ModelError(f"input shape {arr.shape} != compiled shape {tuple(self.input_shape)}")
-        out = self.vm["main"](tvm.runtime.tensor(arr))
+        out = self.vm["main"](tvm.runtime.tensor(arr), *self.params)
         return out.numpy() if hasattr(out, "numpy") else np.asarray(out[0].numpy())
 
     def time(self, x: np.ndarray, repeat: int = 10) -> float:
         """Median seconds per call of ``main`` (VM ``time_evaluator``)."""
-        self.vm.set_input("main", tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32)))
+        self.vm.set_input("main", tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32)), *self.params)
         te = self.vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat)
         return float(np.median(te("main").results))
 
@@ -173,8 +197,10 @@ def compile_model(
     scales : LayerScales or mapping, optional
         Learned scales (shared or per layer name).
     keep_params_as_input : bool
-        Import with the weights as parameters; they are bound again before the rewrite (the
-        Winograd weight transform is offline), so the executable needs no parameters.
+        Import with the weights as parameters.  The weights of the convolutions the rewrite takes
+        (Winograd or int8 direct: transformed and quantized offline) become constants; every other
+        weight stays a parameter of ``main`` (``CompiledModel.params``, written beside the library by
+        :meth:`CompiledModel.export`).
     winograd : bool
         ``False`` builds the plain float model (the baseline).
     schedule : bool
@@ -192,14 +218,14 @@ def compile_model(
         from ..tune import read_tune_log
 
         database = read_tune_log(database, tgt)
-    mod, input_shape, records = prepare_module(model, example_input, cfg, scales=scales,
-                                               keep_params_as_input=keep_params_as_input, winograd=winograd)
+    mod, input_shape, records, params = _prepare(model, example_input, cfg, scales, keep_params_as_input,
+                                                 winograd)
     mod = lower(mod, tgt, schedule=schedule, database=database)
     try:
         ex = tvm.compile(mod, target=tgt)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{type(model).__name__}: TVM build failed: {e}") from e
-    return CompiledModel(ex, input_shape, records, str(tgt), tuned_functions(mod))
+    return CompiledModel(ex, input_shape, records, str(tgt), tuned_functions(mod), params)
 
 
 def prepare_module(
@@ -216,19 +242,45 @@ def prepare_module(
     Returns
     -------
     mod : IRModule
-        Weights bound, Winograd kernels (``winoq.kernel`` PrimFuncs) in place, nothing lowered.
+        Weights bound (with ``keep_params_as_input``: those of the rewritten convs), Winograd / direct
+        kernels (``winoq.kernel`` PrimFuncs) in place, nothing lowered.
     input_shape : tuple of int
     records : list of RewriteRecord
         One per convolution (rewritten or why not).
     """
+    mod, shape, records, _ = _prepare(model, example_input, cfg, scales, keep_params_as_input, winograd)
+    return mod, shape, records
+
+
+def _prepare(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    cfg: WinoQConfig,
+    scales: LayerScales | Mapping[str, LayerScales] | None,
+    keep_params_as_input: bool,
+    winograd: bool,
+) -> tuple[tvm.IRModule, tuple[int, ...], list[RewriteRecord], dict[str, np.ndarray]]:
+    """:func:`prepare_module` plus the parameters left in ``main`` (name -> array, in order)."""
     imp = import_model(model, example_input, keep_params_as_input=keep_params_as_input)
-    mod = relax.transform.FoldConstant()(bind_params(imp.mod, imp.params))
-    records: list[RewriteRecord] = []
-    if winograd:
-        rw = WinogradRewrite(cfg, scales, imp.layer_names)
-        mod = rw(mod)
-        records = list(rw.records)
-    return mod, imp.input_shape, records
+    if not winograd:
+        return relax.transform.FoldConstant()(imp.mod), imp.input_shape, [], dict(imp.params)
+    rw = WinogradRewrite(cfg, scales, imp.layer_names)
+    mod = rw(relax.transform.FoldConstant()(bind_params(imp.mod, imp.params)))
+    records = list(rw.records)
+    if not imp.params:
+        return mod, imp.input_shape, records, {}
+    # separate params: bind only the weights of the rewritten convs (their transform is offline)
+    taken = {r.name for r in records if r.rewritten}
+    bind = {n: v for n, v in imp.params.items() if imp.param_targets.get(n, "").rpartition(".")[0] in taken}
+    rest = {n: v for n, v in imp.params.items() if n not in bind}
+    rw_part = WinogradRewrite(cfg, scales, imp.layer_names)
+    part = rw_part(relax.transform.FoldConstant()(bind_params(imp.mod, bind)))
+    def done(recs: list[RewriteRecord]) -> list[tuple[str, str, str]]:
+        return [(r.name, r.kind, r.reason) for r in recs if r.rewritten]
+
+    if done(rw_part.records) != done(records):  # a rewritten conv not mapped to its parameters
+        return mod, imp.input_shape, records, {}  # keep everything bound
+    return part, imp.input_shape, records, rest  # the reasons of the fully bound pass (constants)
 
 
 @dataclass
@@ -303,11 +355,30 @@ def compile_layer(
 
 
 def load(path: str | Path, device: tvm.runtime.Device | None = None) -> LoadedModel:
-    """Load an exported model (``.so`` + ``.json``) into a Relax VM."""
+    """Load an exported model (``.so`` + ``.json``, and ``.params`` when it has parameters) into a Relax VM.
+
+    Raises
+    ------
+    ModelError
+        If the metadata or the parameters file is missing or unreadable.
+    """
     path = Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path.with_suffix('.json')}: cannot read the module metadata ({e})") from e
+    dev = device or tvm.cpu()
+    params: list[tvm.runtime.Tensor] = []
+    if meta.get("params"):
+        pfile = path.with_name(meta["params"]["file"])
+        try:
+            saved = tvm.runtime.load_param_dict(pfile.read_bytes())
+            params = [saved[n].copyto(dev) for n in meta["params"]["names"]]
+        except (OSError, KeyError, RuntimeError) as e:
+            raise ModelError(f"{pfile}: cannot load the module's parameters ({e}); it must lie beside "
+                             f"{path.name} as written by winoq compile --keep-params") from e
     lib = tvm.runtime.load_module(str(path))
-    return LoadedModel(relax.VirtualMachine(lib, device or tvm.cpu()), tuple(meta["input_shape"]))
+    return LoadedModel(relax.VirtualMachine(lib, dev), tuple(meta["input_shape"]), params)
 
 
 def _main(argv: list[str]) -> int:

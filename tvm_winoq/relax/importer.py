@@ -137,11 +137,13 @@ def import_model(
 
 
 def bind_params(mod: tvm.IRModule, params: dict[str, np.ndarray]) -> tvm.IRModule:
-    """Bind ``params`` (Relax parameter name -> array) of ``main`` as constants."""
+    """Bind ``params`` (Relax parameter name -> array) of ``main`` as constants (``num_input`` is dropped
+    once no parameter is left)."""
     if not params:
         return mod
     bound = relax.transform.BindParams("main", {k: tvm.runtime.tensor(v) for k, v in params.items()})(mod)
     func = bound["main"]
-    if func.attrs is not None and "num_input" in func.attrs:
+    attrs = func.attrs
+    if attrs is not None and "num_input" in attrs and len(func.params) == int(attrs["num_input"]):
         bound["main"] = func.without_attr("num_input")
     return bound

@@ -36,7 +36,8 @@ from ..quant.ops import n_groups
 from ..quant.plan import WinogradLayerPlan
 from ..winograd.tiling import TileGeometry, geometry
 
-__all__ = ["GroupQuant", "KernelSpec", "gemm_func", "input_func", "layer_constants", "output_func"]
+__all__ = ["GroupQuant", "KernelSpec", "gemm_func", "input_func", "input_quant_macro", "layer_constants",
+           "output_func"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,38 @@ def _quant(value: tirx.PrimExpr, scale: tirx.PrimExpr, qmax: int, dtype: str) ->
     return tirx.Cast(dtype, tirx.max(tirx.min(r, q), -q))
 
 
+def input_quant_macro(x_shape: Sequence[int], padded: Sequence[int], pad: Sequence[int], qmax: int,
+                      dtype: str) -> object:
+    """``T.macro`` ``(x, xmax, sx, xp)``: per-tensor absmax of ``x`` [N,C,H,W] into ``xmax`` [1], its scale
+    into ``sx`` [1], and ``x`` quantized, zero padded (``pad`` = top, left; ``padded`` = Hp, Wp) and
+    transposed into ``xp`` [N,Hp,Wp,C] of ``dtype`` (blocks ``x_absmax``, ``x_scale``, ``x_quant``)."""
+    nb, c, h, w = (int(d) for d in x_shape)
+    hp, wp = (int(d) for d in padded)
+    ph, pw = (int(d) for d in pad)
+    zero = tirx.const(0, dtype)
+
+    @T.macro
+    def quant(x, xmax, sx, xp):
+        for i0, i1, i2, i3 in T.grid(nb, c, h, w):
+            with T.sblock("x_absmax"):
+                v0, v1, v2, v3 = T.axis.remap("RRRR", [i0, i1, i2, i3])
+                with T.init():
+                    xmax[0] = T.min_value("float32")  # the max reducer's identity (for rfactor)
+                xmax[0] = T.max(xmax[0], T.fabs(x[v0, v1, v2, v3]))
+        for i0 in range(1):
+            with T.sblock("x_scale"):
+                v0 = T.axis.remap("S", [i0])
+                sx[v0] = _scale(xmax[v0], qmax)
+        for i0, i1, i2, i3 in T.grid(nb, hp, wp, c):
+            with T.sblock("x_quant"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                xp[v0, v1, v2, v3] = T.if_then_else(
+                    ph <= v1 and v1 < ph + h and pw <= v2 and v2 < pw + w,
+                    _quant(x[v0, v3, v1 - ph, v2 - pw], sx[0], qmax, dtype), zero)
+
+    return quant
+
+
 # ------------------------------------------------------------------------------------------ kernels
 def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     """Kernel ``input``: ``(x, v_q, s_v, s_x)`` (last three written). ``debug`` is accepted for symmetry."""
@@ -245,6 +278,7 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     gv, gs = spec.sv_shape[2], spec.v.group
     lv = _lanes(gs)
     bt, beta = spec.bt_int, spec.beta
+    quantize_input = input_quant_macro((nb, c, h, w), (hp, wp), (ph, pw), qa, "int32")
 
     def rows(i: tirx.PrimExpr, xp: tirx.Buffer, tt: tirx.PrimExpr, b: tirx.PrimExpr,
              ch: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -271,22 +305,7 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         vs = T.sblock_alloc_buffer((n, n, t, c), "float32")  # V_s = float(BT_int d BT_int^T) * beta
         vmax = T.sblock_alloc_buffer((p, t, gv), "float32")
         vlane = T.sblock_alloc_buffer((t, p, gv, lv), "float32")  # per tile: GPU schedules move blocks
-        for i0, i1, i2, i3 in T.grid(nb, c, h, w):
-            with T.sblock("x_absmax"):
-                v0, v1, v2, v3 = T.axis.remap("RRRR", [i0, i1, i2, i3])
-                with T.init():
-                    xmax[0] = T.min_value("float32")  # the max reducer's identity (for rfactor)
-                xmax[0] = T.max(xmax[0], T.fabs(x[v0, v1, v2, v3]))
-        for i0 in range(1):
-            with T.sblock("x_scale"):
-                v0 = T.axis.remap("S", [i0])
-                sx[v0] = _scale(xmax[v0], qa)
-        for i0, i1, i2, i3 in T.grid(nb, hp, wp, c):
-            with T.sblock("x_quant"):
-                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
-                xp[v0, v1, v2, v3] = T.if_then_else(
-                    ph <= v1 and v1 < ph + h and pw <= v2 and v2 < pw + w,
-                    _quant(x[v0, v3, v1 - ph, v2 - pw], sx[0], qa, "int32"), 0)
+        quantize_input(x, xmax, sx, xp)
         for it in range(t):  # everything after the input quantization is per tile
             for i0, i1, i2 in T.grid(n, n, c):
                 with T.sblock("tf_rows"):

@@ -8,8 +8,15 @@ and a static float32 input becomes::
     mf = R.call_tir(winoq_gemm_*, (lv[0], lv[1], U_q, s_U), m_f)
     y  = R.call_tir(winoq_output_*, (mf, lv[2], bias), y)
 
-with ``U_q``/``s_U``/``bias`` constants from :func:`~tvm_winoq.quant.plan.plan_layer`.  Every other
-conv is left alone, and :attr:`WinogradRewrite.records` says why.  The kernels carry
+with ``U_q``/``s_U``/``bias`` constants from :func:`~tvm_winoq.quant.plan.plan_layer`.  A conv whose
+per-layer choice is ``direct`` (any kernel size, stride, dilation, groups) becomes one int8 direct
+convolution kernel (:mod:`.direct`)::
+
+    y  = R.call_tir(winoq_direct_*, (x, W_q, s_W, bias), y)
+
+An explicit Winograd choice (``f2``/``f4``/``f6`` in ``cfg.layers``) for a conv Winograd cannot run also
+becomes ``direct``, as in :func:`tvm_winoq.convert.quantize_model`.  Every other conv is left alone, and
+:attr:`WinogradRewrite.records` says why.  The kernels carry
 ``op_pattern = 8`` (opaque) so Relax operator fusion leaves them intact, and ``winoq.kernel`` naming
 their stage so a schedule can find them.
 """
@@ -27,10 +34,12 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ..config import WinoQConfig
+from ..convert import winograd_tile
 from ..quant.plan import LayerScales, plan_layer
+from .direct import DirectSpec, direct_constants, direct_func
 from .kernels import KernelSpec, gemm_func, input_func, layer_constants, output_func
 
-__all__ = ["RewriteRecord", "WinogradRewrite", "kernel_funcs", "weight_fingerprint"]
+__all__ = ["RewriteRecord", "WinogradRewrite", "direct_kernel_func", "kernel_funcs", "weight_fingerprint"]
 
 #: ``op_pattern`` value of an opaque operator (relax ``OpPatternKind::kOpaque``): never fused.
 OPAQUE = 8
@@ -53,15 +62,25 @@ def kernel_funcs(spec: KernelSpec) -> dict[str, tvm.tirx.PrimFunc]:
     }
 
 
+def direct_kernel_func(spec: DirectSpec) -> dict[str, tvm.tirx.PrimFunc]:
+    """``{global name: PrimFunc}`` of the int8 direct kernel of ``spec``, as the pass adds it."""
+    f = direct_func(spec).with_attr("op_pattern", OPAQUE).with_attr("winoq.kernel", "direct")
+    return {f"winoq_{spec.key()}": f}
+
+
 @dataclass(frozen=True)
 class RewriteRecord:
-    """What the pass did with one ``conv2d`` call."""
+    """What the pass did with one ``conv2d`` call.
+
+    ``kind`` is ``"winograd"`` or ``"direct"`` (int8 direct kernel) when ``rewritten``, else ``"float"``.
+    """
 
     name: str
     weight_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
     rewritten: bool
     reason: str
+    kind: str = "float"
 
 
 def _ints(values: object) -> tuple[int, ...]:
@@ -153,13 +172,14 @@ class _ConvRewriter(relax.PyExprMutator):
         new = self._rewrite(call, None)
         return new if new is not None else super().visit_call_(call)
 
-    def _record(self, conv: relax.Call, done: bool, reason: str, name: str | None = None) -> None:
+    def _record(self, conv: relax.Call, done: bool, reason: str, name: str | None = None,
+                kind: str = "float") -> None:
         w = _static_shape(conv.args[1]) or ()
         x = _static_shape(conv.args[0]) or ()
         if name is None:
             name = self._name(conv)
             self.index += 1
-        self.owner.records.append(RewriteRecord(name, w, x, done, reason))
+        self.owner.records.append(RewriteRecord(name, w, x, done, reason, kind))
 
     def _name(self, conv: relax.Call) -> str:
         w = conv.args[1]
@@ -169,15 +189,28 @@ class _ConvRewriter(relax.PyExprMutator):
                 return self.owner.layer_names[key]
         return f"conv2d#{self.index}"
 
-    def _why_not(self, conv: relax.Call) -> str | None:
+    @staticmethod
+    def _why_not_int8(conv: relax.Call) -> str | None:
+        """Why no integer kernel (Winograd or direct) can take ``conv`` (``None``: one can)."""
         a = conv.attrs
         x, w = _static_shape(conv.args[0]), _static_shape(conv.args[1])
-        if x is None or len(x) != 4:
+        if x is None or len(x) != 4 or w is None or len(w) != 4:
             return "input shape is not static 4-D"
         if conv.args[0].ty.dtype != "float32" or conv.args[1].ty.dtype != "float32":
             return "not float32"
         if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
             return f"layout {a.data_layout}/{a.kernel_layout}/{a.out_layout}"
+        if w[1] * int(a.groups) != x[1]:
+            return "channel mismatch"
+        return None
+
+    def _why_not(self, conv: relax.Call) -> str | None:
+        """Why Winograd ``F(m,3)`` cannot take ``conv`` (``None``: it can)."""
+        basic = self._why_not_int8(conv)
+        if basic is not None:
+            return basic
+        a = conv.attrs
+        w = _static_shape(conv.args[1])
         reasons = []
         if w is None or w[2:] != (3, 3):
             reasons.append(f"kernel {w[2] if w else '?'}x{w[3] if w else '?'}")
@@ -190,20 +223,22 @@ class _ConvRewriter(relax.PyExprMutator):
         pad = _ints(a.padding)
         if pad[0] != pad[2] or pad[1] != pad[3]:
             reasons.append(f"asymmetric padding {pad}")
-        if w is not None and w[1] * int(a.groups) != x[1]:
-            reasons.append("channel mismatch")
         return ", ".join(reasons) or None
 
     def _rewrite(self, conv: relax.Call, bias: np.ndarray | None) -> relax.Expr | None:
         name = self._name(conv)
         self.index += 1
         why = self._why_not(conv)
+        cfg = self.owner.cfg
+        choice = cfg.layers.get(name, f"f{cfg.tile}")
+        tile = winograd_tile(choice)
+        if tile is not None and why is not None and name in cfg.layers:
+            choice, tile = "direct", None  # an explicit Winograd choice Winograd cannot run: int8 direct
+        if choice == "direct":
+            return self._rewrite_direct(conv, bias, name, why)
         if why is not None:
             self._record(conv, False, why, name)
             return None
-        cfg = self.owner.cfg
-        choice = cfg.layers.get(name, f"f{cfg.tile}")
-        tile = int(choice[1:]) if choice[:1] == "f" and choice[1:].isdigit() else None
         if tile is None:
             self._record(conv, False, f"config chooses {choice!r} for this layer", name)
             return None
@@ -217,7 +252,37 @@ class _ConvRewriter(relax.PyExprMutator):
         x = self.visit_expr(conv.args[0])
         plan = plan_layer(weight, b, (pad[0], pad[1]), lcfg, sc)
         out = self.emit_layer(x, plan, _static_shape(conv.args[0]))
-        self._record(conv, True, f"F({lcfg.tile},3)" + (" + bias" if bias is not None else ""), name)
+        self._record(conv, True, f"F({lcfg.tile},3)" + (" + bias" if bias is not None else ""), name,
+                     "winograd")
+        return out
+
+    def _rewrite_direct(self, conv: relax.Call, bias: np.ndarray | None, name: str,
+                        why_not_winograd: str | None) -> relax.Expr | None:
+        """Emit the int8 direct kernel for ``conv`` (or record why not and return ``None``)."""
+        why = self._why_not_int8(conv)
+        if why is not None:
+            self._record(conv, False, why, name)
+            return None
+        a, cfg = conv.attrs, self.owner.cfg
+        w = conv.args[1].value.numpy()
+        try:
+            spec = DirectSpec.of(_static_shape(conv.args[0]), w.shape, stride=_ints(a.strides),
+                                 dilation=_ints(a.dilation), padding=_ints(a.padding), groups=int(a.groups),
+                                 act_qmax=cfg.act.qmax)
+            consts = direct_constants(torch.from_numpy(w.copy()),
+                                      None if bias is None else torch.from_numpy(bias.copy()), cfg.direct)
+        except ValueError as e:
+            self._record(conv, False, f"int8 direct not possible: {e}", name)
+            return None
+        x = self.visit_expr(conv.args[0])
+        (kname, func), = direct_kernel_func(spec).items()
+        gv = self.builder_.add_func(func, kname)
+        out = relax.call_tir(gv, [x, relax.const(consts["w_q"]), relax.const(consts["s_w"]),
+                                  relax.const(consts["bias"])], relax.TensorType(spec.out_shape, "float32"))
+        reason = "int8 direct" + (" + bias" if bias is not None else "")
+        if why_not_winograd is not None and name in cfg.layers and cfg.layers[name] != "direct":
+            reason += f" (Winograd not applicable: {why_not_winograd})"
+        self._record(conv, True, reason, name, "direct")
         return out
 
     def emit_layer(self, x: relax.Expr, plan: object, x_shape: tuple[int, ...] | None) -> relax.Expr:
@@ -240,7 +305,8 @@ class _ConvRewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="WinogradRewrite")
 class WinogradRewrite:
-    """Replace eligible ``conv2d`` (+ bias) calls by quantized group-wise Winograd TIR kernels.
+    """Replace eligible ``conv2d`` (+ bias) calls by quantized group-wise Winograd TIR kernels (and convs
+    whose per-layer choice is ``direct`` by the int8 direct kernel).
 
     Parameters
     ----------
@@ -286,5 +352,6 @@ class WinogradRewrite:
         for r in self.records:
             shape = f"{r.weight_shape[1]}->{r.weight_shape[0]}" if len(r.weight_shape) == 4 else "?"
             hw = "x".join(str(d) for d in r.input_shape[2:]) or "?"
-            lines.append(f"{r.name:32s} {shape:>10s} {hw:>8s}  {'F' if r.rewritten else '-'}  {r.reason}")
+            tag = {"winograd": "F", "direct": "D"}.get(r.kind, "-")
+            lines.append(f"{r.name:32s} {shape:>10s} {hw:>8s}  {tag}  {r.reason}")
         return "\n".join(lines)
