@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, TargetError, WinoqError
+from .errors import ConfigError, DeviceError, TargetError, WinoqError
 
 __all__ = ["bench_job", "detect_emulation", "format_bench", "lowered_module", "primfunc_table"]
 
@@ -82,6 +82,22 @@ def detect_emulation(
             return {"emulated": True, "reason": f"{host}:{port} serves {preset.name} code on this x86 host"}
     where = rpc if rpc is not None else f"tracker {tracker} key {key}"
     return {"emulated": False, "reason": f"device at {where}"}
+
+
+def _preflight(rpc: str | None, tracker: str | None, key: str, timeout: float) -> None:
+    """Fail fast (DeviceError) when the server does not answer or the tracker lacks ``key``."""
+    from .rpc import parse_address, probe_server, tracker_summary
+
+    if rpc is not None:
+        probe_server(*parse_address(rpc, "rpc"), timeout=timeout)
+    elif tracker is not None:
+        devices = tracker_summary(tracker, timeout=timeout)
+        if key not in devices:
+            known = ", ".join(sorted(devices)) or "none"
+            raise DeviceError(
+                f"no device with key {key!r} is registered at the RPC tracker {tracker} "
+                f"(registered keys: {known})"
+            )
 
 
 def _open_session(rpc: str | None, tracker: str | None, key: str, local: bool, timeout: float) -> Any:
@@ -319,6 +335,7 @@ def bench_job(
     shape = tuple(json.loads((out_dir / "module.json").read_text())["input_shape"])
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
+    _preflight(rpc, tracker, key, min(timeout, 30.0))  # a dead endpoint fails before the rebuild
     rows: list[dict[str, Any]] | None = None
     layers_note = "not measured (--no-layers)"
     tmp = tempfile.TemporaryDirectory(prefix="winoq-bench-")

@@ -109,7 +109,8 @@ def _compile_options(a: argparse.Namespace):
 def _cmd_compile(a: argparse.Namespace) -> None:
     from .pipeline import compile_job
 
-    compile_job(_compile_options(a), Path(a.out))
+    database: str | bool | None = False if a.no_tune_log else a.tune_log
+    compile_job(_compile_options(a), Path(a.out), database=database)
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
@@ -153,6 +154,7 @@ def _cmd_tune(a: argparse.Namespace) -> None:
         log_dir=a.log_dir,
         trials_per_iter=a.trials_per_iter,
         tasks=a.tasks,
+        top=a.top,
     )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
@@ -228,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=CHOICE",
         help="per-layer override: f2|f4|f6|direct|float (repeatable)",
     )
+    ctl = c.add_mutually_exclusive_group()
+    ctl.add_argument("--tune-log", default=None, help="apply this tune log (default: tune_logs/PRESET/MODEL)")
+    ctl.add_argument("--no-tune-log", action="store_true", help="hand schedules only (ignore tune logs)")
     c.add_argument("-o", "--out", required=True, help="output folder")
     c.set_defaults(func=_cmd_compile)
 
@@ -274,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--timeout", type=float, default=120.0, help="seconds per build / measurement")
     tu.add_argument("--trials-per-iter", type=int, default=None, help="candidates per task and round")
     tu.add_argument("--tasks", default="all", choices=["all", "winoq", "ops"], help="which PrimFuncs to tune")
+    tu.add_argument("--top", type=int, default=None, help="only the N tasks with the most FLOPs per run")
     tu.add_argument("--log-dir", default=None, help="database folder (default tune_logs/<preset>/<model>/)")
     tu.add_argument("--json", default=None, help="also write the result as JSON")
     tu.set_defaults(func=_cmd_tune)
