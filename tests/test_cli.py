@@ -58,14 +58,32 @@ def test_argparse_rejects_missing_model():
         main(["table"])
 
 
+@pytest.mark.slow
 def test_eval_study_writes_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WINOQ_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "study"
+    out = tmp_path / "fmnist_resnet"
     args = ["eval", "fmnist_resnet", "--tiles", "4", "--groups", "32", "--images", "2", "--limit", "64",
             "--steps", "5", "-o", str(out)]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "| FP32 |" in text and "F(4,3) group32, learned per-layer" in text and "top1" in text
     data = json.loads((out / "study.json").read_text())
-    assert data["rows"][0]["method"] == "FP32" and len(data["rows"]) == 6
-    assert (out / "layer_sqnr.png").stat().st_size > 1000
+    names = [r["method"] for r in data["rows"]]
+    assert names[0] == "FP32" and len(names) == 8 and names[-1].startswith("default: auto"), names
+    for png in ("layer_sqnr.png", "position_ranges.png"):
+        assert (out / png).stat().st_size > 1000
+    # the report page reuses the study (no recomputation) and links its table and plots
+    capsys.readouterr()
+    assert main(["report", "fmnist_resnet", "-o", str(tmp_path)]) == 0
+    assert "fmnist_resnet: using" in capsys.readouterr().out
+    page = (tmp_path / "report.md").read_text()
+    assert "F(4,3) group 32: learned shared scales" in page and "Shipped default" in page
+    assert "(fmnist_resnet/position_ranges.png)" in page
+
+
+def test_report_without_study_is_an_error(tmp_path, capsys):
+    (tmp_path / "craft").mkdir()
+    (tmp_path / "craft" / "study.json").write_text("{not json")
+    assert main(["report", "craft", "-o", str(tmp_path)]) == 2
+    assert "not a study JSON" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()

@@ -5,7 +5,16 @@ Scales" (CVPR 2025): exact Cook-Toom transforms with learnable diagonal scales, 
 reference, data-free scale finetuning, and (in :mod:`tvm_winoq.relax`) a TVM compiler flow.
 """
 
-from .config import PerChannel, PerGroup, PerTensor, QuantSpec, WinoQConfig, groupwise, per_tensor
+from .config import (
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    WinoQConfig,
+    default_config,
+    groupwise,
+    per_tensor,
+)
 from .convert import eligible_convs, fold_batchnorm, quantize_model
 from .metrics import sqnr_db
 
@@ -17,6 +26,7 @@ __all__ = [
     "PerTensor",
     "QuantSpec",
     "WinoQConfig",
+    "default_config",
     "eligible_convs",
     "fold_batchnorm",
     "groupwise",

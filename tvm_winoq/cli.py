@@ -70,22 +70,53 @@ def _cmd_board(a: argparse.Namespace) -> None:
     print(board_command(a.action, cpu=a.cpu, port=a.port, key=a.key, tracker=a.tracker))
 
 
-def _cmd_eval(a: argparse.Namespace) -> None:
+def _study_settings(a: argparse.Namespace):
     from .finetune import FinetuneSettings
-    from .study import StudySettings, eval_model, study_markdown, write_study
+    from .study import StudySettings
 
-    s = StudySettings(
+    return StudySettings(
         tiles=tuple(a.tiles),
         groups=tuple(a.groups),
         images=a.images,
         size=a.size,
         test_limit=a.limit,
+        budgets_db=tuple(a.budget),
+        compiled=a.compiled,
         finetune=FinetuneSettings(steps=a.steps, seed=a.seed),
     )
-    res = eval_model(a.model, s)
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from .study import eval_model
+    from .study_report import study_markdown, write_study
+
+    res = eval_model(a.model, _study_settings(a))
     print(study_markdown(res))
     if a.out:
         print(f"wrote {write_study(res, Path(a.out))}")
+
+
+def _cmd_report(a: argparse.Namespace) -> None:
+    from .study import eval_model
+    from .study_report import build_report
+
+    s = _study_settings(a)
+    path = build_report(a.models, Path(a.out), run=lambda name: eval_model(name, s), rerun=a.rerun)
+    print(f"wrote {path}")
+
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6])
+    p.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--images", type=int, default=5)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--budget", type=float, nargs="+", default=[30.0],
+                   help="per-layer SQNR budgets (dB) of the automatic tile choice (one row each)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also run the default (first budget) as a TVM-compiled module on the host")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _compile_options(a: argparse.Namespace):
@@ -200,15 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train_fmnist)
     ev = sub.add_parser("eval", help="fidelity study: per-layer SQNR and task accuracy of every method")
     ev.add_argument("model")
-    ev.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6])
-    ev.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
-    ev.add_argument("--images", type=int, default=5)
-    ev.add_argument("--size", type=int, default=256)
-    ev.add_argument("--limit", type=int, default=None, help="use only the first N test images")
-    ev.add_argument("--steps", type=int, default=600)
-    ev.add_argument("--seed", type=int, default=0)
+    _study_arguments(ev)
     ev.add_argument("-o", "--out", default=None, help="folder for study.md / study.json / plots")
     ev.set_defaults(func=_cmd_eval)
+    rp = sub.add_parser("report", help="one markdown page with the fidelity studies of several models")
+    rp.add_argument("models", nargs="+", help="registered model names, e.g. craft fmnist_resnet")
+    _study_arguments(rp)
+    rp.add_argument("-o", "--out", required=True, help="report folder (one sub-folder per model)")
+    rp.add_argument("--rerun", action="store_true", help="recompute studies that already exist")
+    rp.set_defaults(func=_cmd_report)
 
     c = sub.add_parser("compile", help="compile a model with int8 Winograd convs for a target preset")
     c.add_argument(

@@ -28,9 +28,10 @@ class Method:
     """One quantization method of the comparison table."""
 
     name: str
-    kind: str  # "direct" | "winograd"
+    kind: str  # "direct" | "winograd" | "auto" (per-layer tile choice)
     cfg: WinoQConfig
     scales: str = "standard"  # "standard" | "learned-shared" | "learned-per-layer"
+    budget_db: float | None = None  # kind "auto": per-layer SQNR budget of the tile choice
 
 
 def standard_methods(tiles: Sequence[int] = (4, 6), groups: Sequence[int] = (16, 32, 64)) -> list[Method]:

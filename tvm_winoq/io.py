@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -36,3 +37,18 @@ def write_outputs(out_dir: Path, files: Mapping[str, str | bytes]) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_file_atomic(path: Path, data: str | bytes) -> Path:
+    """Write one file atomically (a temp file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

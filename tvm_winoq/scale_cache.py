@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from .config import WinoQConfig
 from .finetune import ConvLayer, FinetuneResult, FinetuneSettings, finetune_scales
+from .io import write_file_atomic
 from .paths import cache_dir
 from .quant.plan import LayerScales
 
@@ -59,11 +58,7 @@ def save_result(key: str, result: FinetuneResult, root: Path | None = None) -> P
         "report": result.report,
         "seconds": result.seconds,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, json.dumps(data, indent=1))
 
 
 def finetune_cached(

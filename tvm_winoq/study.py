@@ -1,70 +1,88 @@
 """The fidelity study (``winoq eval MODEL``): every method's per-layer SQNR and task accuracy.
 
 Methods: FP32, int8 direct, and for each tile size F(2,3)/F(4,3)/F(6,3): per-tensor standard scales,
-group-wise standard scales, group-wise learned shared scales (the paper; for each group size) and
-group-wise learned per-layer scales, plus an alternative point set for F(6,3).  Results are written as
-markdown + JSON (+ PNG plots) and are reproducible from the seed.
+group-wise standard scales, group-wise learned shared scales (the paper; for each group size),
+group-wise learned per-layer scales and, beyond the paper, M quantized per output channel
+(:func:`~tvm_winoq.config.default_config`); an alternative point set for F(6,3); and the shipped default:
+a data-free per-layer choice of F(6,3)/F(4,3)/F(2,3)/int8 direct under an SQNR budget
+(:mod:`tvm_winoq.tile_choice`).  Optionally the default also runs as a TVM-compiled module
+(:mod:`tvm_winoq.study_compiled`).  Results are JSON-ready dicts (written by :mod:`tvm_winoq.study_report`)
+and reproducible from the seed.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .config import groupwise, per_tensor
+from .config import default_config, groupwise, per_tensor
 from .convert import fold_batchnorm, quantize_model
-from .evaluate import Method, capture_inputs, layer_sqnr, scales_for
+from .errors import ConfigError
+from .evaluate import Method, capture_inputs, layer_sqnr, learn, scales_for
 from .fidelity import real_inputs
-from .finetune import FinetuneSettings, collect_layers
+from .finetune import ConvLayer, FinetuneSettings, collect_layers
+from .tile_choice import choose_tiles, layer_macs
+
+PRIMARY_METRIC = {"labels": "top1", "agreement": "top1_agreement", "craft": "heatmap_sqnr_db",
+                  "sqnr": "output_sqnr_db"}
+"""The task metric a report leads with, per task kind."""
 
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What the study covers (validated by the objects it builds)."""
+    """What the study covers.
+
+    ``budgets_db`` are the per-layer SQNR budgets (dB, Gaussian inputs) of the automatic tile choice
+    (one ``default: auto`` row each); ``compiled`` also runs the first budget's default through the
+    TVM-compiled module on the host.
+    """
 
     tiles: tuple[int, ...] = (2, 4, 6)
     groups: tuple[int, ...] = (16, 32, 64)
     images: int = 5
     size: int = 256
     test_limit: int | None = None
+    budgets_db: tuple[float, ...] = (30.0,)
+    compiled: bool = False
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
+    def __post_init__(self) -> None:
+        if not self.tiles or any(t not in (2, 4, 6) for t in self.tiles):
+            raise ConfigError(f"tiles: must be a non-empty subset of 2 4 6, got {self.tiles}")
+        if not self.groups or any(g < 1 for g in self.groups):
+            raise ConfigError(f"groups: must be positive group sizes, got {self.groups}")
+        if self.images < 1 or self.size < 16:
+            raise ConfigError(f"images >= 1 and size >= 16 required, got {self.images}, {self.size}")
+        if self.test_limit is not None and self.test_limit < 1:
+            raise ConfigError(f"test_limit: must be >= 1, got {self.test_limit}")
 
-def study_methods(tiles: Sequence[int], groups: Sequence[int]) -> list[Method]:
+
+def study_methods(
+    tiles: Sequence[int], groups: Sequence[int], budgets: Sequence[float] = ()
+) -> list[Method]:
     """The rows of the study table."""
     out = [Method("int8 direct", "direct", groupwise(6, 32))]
     for t in tiles:
         out.append(Method(f"F({t},3) per-tensor, standard", "winograd", per_tensor(t)))
         out.append(Method(f"F({t},3) group32, standard", "winograd", groupwise(t, 32, "standard")))
         for g in groups:
-            out.append(Method(f"F({t},3) group{g}, learned shared", "winograd", groupwise(t, g)))
-        out.append(
-            Method(
-                f"F({t},3) group32, learned per-layer",
-                "winograd",
-                groupwise(t, 32, "learned-per-layer"),
-                "learned-per-layer",
-            )
-        )
+            name = f"F({t},3) group{g}, learned shared"
+            out.append(Method(name, "winograd", groupwise(t, g), "learned-shared"))
+        out.append(Method(f"F({t},3) group32, learned per-layer", "winograd",
+                          groupwise(t, 32, "learned-per-layer"), "learned-per-layer"))
+        out.append(Method(f"F({t},3) group32 + M per-channel, learned shared", "winograd", default_config(t),
+                          "learned-shared"))
         if t == 6:
-            alt = groupwise(6, 32).with_(points="f6_pm3/2")
-            out.append(Method("F(6,3) group32 points {0,±1,±1/2,±3/2}, learned shared", "winograd", alt))
-    return _with_scale_source(out)
-
-
-def _with_scale_source(methods: list[Method]) -> list[Method]:
-    """A method's scale source follows its config's ``scale_mode``."""
-    fixed = []
-    for m in methods:
-        if m.kind == "winograd" and m.scales == "standard" and m.cfg.scale_mode != "standard":
-            m = Method(m.name, m.kind, m.cfg, m.cfg.scale_mode)
-        fixed.append(m)
-    return fixed
+            alt = default_config(6).with_(points="f6_pm3/2")
+            out.append(Method("F(6,3) group32 + M per-channel, points {0,±1,±1/2,±3/2}, learned shared",
+                              "winograd", alt, "learned-shared"))
+    for b in budgets:
+        out.append(Method(f"default: auto F(6,3)/F(4,3)/F(2,3)/direct, budget {b:g} dB", "auto",
+                          default_config(6), "learned-shared", b))
+    return out
 
 
 def task_data(model_name: str, s: StudySettings) -> dict:
@@ -90,7 +108,8 @@ def task_data(model_name: str, s: StudySettings) -> dict:
     return {"kind": "sqnr", "x": real_inputs(model_name, s.images, s.size)}
 
 
-def _task_metric(kind: str, data: dict, ref: torch.nn.Module, model: torch.nn.Module, ref_pred) -> dict:
+def task_metric(kind: str, data: dict, ref: torch.nn.Module, model: torch.nn.Module, ref_pred) -> dict:
+    """The task metric of ``model`` vs the FP32 ``ref`` (see :func:`task_data`)."""
     from .metrics import sqnr_db
     from .task_metrics import agreement, craft_metrics, top1
 
@@ -106,8 +125,52 @@ def _task_metric(kind: str, data: dict, ref: torch.nn.Module, model: torch.nn.Mo
     return {"output_sqnr_db": sqnr_db(want, out)}
 
 
+@dataclass
+class Resolved:
+    """A method made concrete for one model: per-layer choices, configs and scales."""
+
+    cfg: object
+    scales: object
+    choices: dict[str, str]
+    finetune_s: float
+    decisions: list = field(default_factory=list)
+
+
+def resolve(meth: Method, layers: Sequence[ConvLayer], ft: FinetuneSettings, model_name: str) -> Resolved:
+    """Scales (finetuned or cached) and per-layer choices of ``meth``."""
+    if meth.kind != "auto":
+        scales, ft_s = scales_for(meth, layers, ft, model_name)
+        choice = "direct" if meth.kind == "direct" else f"f{meth.cfg.tile}"
+        return Resolved(meth.cfg, scales, {layer.name: choice for layer in layers}, ft_s)
+    configs = {f"f{t}": meth.cfg.with_(tile=t, points=None) for t in (2, 4, 6)}
+    learned = {k: learn(layers, c, meth.scales, ft, model_name) for k, c in configs.items()}
+    scales = {k: r.shared for k, r in learned.items()}
+    decisions = choose_tiles(layers, configs, scales, meth.budget_db, ft)
+    choices = {d.name: d.choice for d in decisions}
+    per_layer = {d.name: scales[d.choice] for d in decisions if d.choice in scales}
+    cfg = configs["f4"].with_(layers=choices)
+    return Resolved(cfg, per_layer, choices, sum(r.seconds for r in learned.values()), decisions)
+
+
+def _layer_method(meth: Method, r: Resolved, name: str) -> tuple[Method, object]:
+    choice = r.choices[name]
+    if meth.kind != "auto":
+        return meth, r.scales
+    if choice == "direct":
+        return Method("direct", "direct", r.cfg), None
+    return Method(choice, "winograd", r.cfg.with_(tile=int(choice[1:]), layers={})), r.scales[name]
+
+
+def winograd_share(layers: Sequence[ConvLayer], choices: Mapping[str, str]) -> float:
+    """Fraction (%) of the eligible convolutions' MACs that run as F(4,3) or F(6,3)."""
+    total = sum(layer_macs(x) for x in layers)
+    fast = sum(layer_macs(x) for x in layers if choices[x.name] in ("f4", "f6"))
+    return 100.0 * fast / total if total else 0.0
+
+
 def eval_model(
-    model_name: str, s: StudySettings | None = None, methods: Sequence[Method] | None = None
+    model_name: str, s: StudySettings | None = None, methods: Sequence[Method] | None = None,
+    log=print,
 ) -> dict:
     """Run the study for a registered model; returns a JSON-ready dict."""
     from .models import get_model
@@ -122,75 +185,61 @@ def eval_model(
     data = task_data(model_name, s)
     kind = data["kind"]
     ref_pred = top1(folded, data["x"])["pred"] if kind == "agreement" else None
-    rows = [{"method": "FP32", **_task_metric(kind, data, folded, folded, ref_pred)}]
-    for meth in methods if methods is not None else study_methods(s.tiles, s.groups):
+    rows = [{"method": "FP32", **task_metric(kind, data, folded, folded, ref_pred)}]
+    resolved: dict[str, Resolved] = {}
+    for meth in methods if methods is not None else study_methods(s.tiles, s.groups, s.budgets_db):
         t0 = time.time()
-        scales, ft_s = scales_for(meth, layers, s.finetune, model_name)
-        per = {layer.name: layer_sqnr(meth, layer, acts[layer.name], scales) for layer in layers}
-        default = "direct" if meth.kind == "direct" else f"f{meth.cfg.tile}"
-        qm, _ = quantize_model(folded, meth.cfg, scales, default=default, fold_bn=False)
+        r = resolve(meth, layers, s.finetune, model_name)
+        resolved[meth.name] = r
+        per = {}
+        for layer in layers:
+            lm, sc = _layer_method(meth, r, layer.name)
+            per[layer.name] = layer_sqnr(lm, layer, acts[layer.name], sc)
+        default = "direct" if meth.kind == "direct" else f"f{r.cfg.tile}"
+        qm, _ = quantize_model(folded, r.cfg, r.scales, default=default, fold_bn=False)
         row = {
             "method": meth.name,
-            "layer_mean_db": sum(per.values()) / len(per),
+            "layer_mean_db": sum(per.values()) / max(len(per), 1),
             "layers": per,
-            "finetune_s": ft_s,
-            **_task_metric(kind, data, folded, qm, ref_pred),
+            "finetune_s": r.finetune_s,
+            "winograd_mac_share": winograd_share(layers, r.choices),
+            **task_metric(kind, data, folded, qm, ref_pred),
         }
+        if meth.kind == "auto":
+            row["choices"] = r.choices
         row["seconds"] = time.time() - t0
+        log(f"  {meth.name}: layer-mean {row['layer_mean_db']:.2f} dB ({row['seconds']:.0f} s)")
         rows.append(row)
-    return {
+    auto = [m for m in (methods or study_methods(s.tiles, s.groups, s.budgets_db)) if m.kind == "auto"]
+    if s.compiled and auto and layers:
+        from .study_compiled import compiled_row
+
+        r = resolved[auto[0].name]
+        rows.append(compiled_row(auto[0].name, folded, example, r.cfg, r.scales, data, ref_pred, log))
+    res = {
         "model": model_name,
         "task": kind,
+        "primary_metric": PRIMARY_METRIC[kind],
         "eligible_layers": len(layers),
+        "layer_macs": {x.name: layer_macs(x) for x in layers},
         "rows": rows,
         "settings": {
-            "tiles": s.tiles,
-            "groups": s.groups,
-            "images": s.images,
-            "size": s.size,
-            "finetune": s.finetune.__dict__,
+            "tiles": s.tiles, "groups": s.groups, "images": s.images, "size": s.size,
+            "test_limit": s.test_limit, "budgets_db": s.budgets_db, "finetune": s.finetune.__dict__,
         },
     }
+    if layers:
+        res["position_ranges"] = _position_ranges(layers, acts, max(s.tiles), s.finetune, model_name)
+    return res
 
 
-def study_markdown(res: dict) -> str:
-    """The study table as markdown."""
-    rows = res["rows"]
-    metric_keys = [k for k in rows[0] if k not in ("method",)]
-    head = ["method", "layer-mean SQNR dB", *metric_keys, "finetune s"]
-    lines = [
-        f"### {res['model']} ({res['eligible_layers']} eligible convs, task: {res['task']})",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---|" + "---:|" * (len(head) - 1),
-    ]
-    for r in rows:
-        vals = [r["method"], f"{r.get('layer_mean_db', float('nan')):.2f}"]
-        vals += [
-            f"{r.get(k, float('nan')):.2f}" if isinstance(r.get(k), float) else str(r.get(k, ""))
-            for k in metric_keys
-        ]
-        vals.append(f"{r.get('finetune_s', 0.0):.1f}")
-        lines.append("| " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+def _position_ranges(layers, acts, tile: int, ft: FinetuneSettings, model_name: str) -> dict:
+    """Range per Winograd position of the largest layer, standard vs learned scales (group 32)."""
+    from .plots import position_ranges
 
-
-def write_study(res: dict, out_dir: Path) -> Path:
-    """Write ``study.md``, ``study.json`` and the per-layer SQNR plot atomically into ``out_dir``."""
-    import tempfile
-
-    from .io import write_outputs
-    from .plots import plot_layer_sqnr
-
-    with tempfile.TemporaryDirectory() as tmp:
-        png = plot_layer_sqnr(
-            [r for r in res["rows"] if "layers" in r],
-            f"{res['model']}: SQNR per layer",
-            Path(tmp) / "layer_sqnr.png",
-        )
-        files = {
-            "study.md": study_markdown(res) + "\n\n![per-layer SQNR](layer_sqnr.png)\n",
-            "study.json": json.dumps(res, indent=1, default=str),
-            "layer_sqnr.png": png.read_bytes(),
-        }
-        return write_outputs(out_dir, files)
+    layer = max(layers, key=layer_macs)
+    cfg = groupwise(tile, 32)
+    learned = learn(layers, cfg, "learned-shared", ft, model_name).shared
+    x = acts[layer.name][0]
+    before, after = position_ranges(layer, cfg, None, x), position_ranges(layer, cfg, learned, x)
+    return {"layer": layer.name, "tile": tile, "before": before.tolist(), "after": after.tolist()}

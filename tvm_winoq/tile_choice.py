@@ -77,10 +77,15 @@ def choose_tiles(
         scores["direct"] = sqnr_db(
             ref, direct_conv2d_int8(x, layer.weight, layer.bias, layer.padding, cfg0.direct)
         )
-        oh, ow = h + 2 * layer.padding[0] - 2, w + 2 * layer.padding[1] - 2
-        macs = c * layer.weight.shape[0] * 9 * oh * ow
-        out.append(LayerDecision(layer.name, choice, scores, macs))
+        out.append(LayerDecision(layer.name, choice, scores, layer_macs(layer)))
     return out
+
+
+def layer_macs(layer: ConvLayer) -> int:
+    """Multiply-accumulates of the direct 3x3 convolution of ``layer`` (batch of its input shape)."""
+    b, c, h, w = layer.input_shape
+    oh, ow = h + 2 * layer.padding[0] - 2, w + 2 * layer.padding[1] - 2
+    return b * c * layer.weight.shape[0] * 9 * oh * ow
 
 
 def winograd_mac_share(decisions: Sequence[LayerDecision], tiles: Sequence[str] = ("f4", "f6")) -> float:
