@@ -280,15 +280,42 @@ def test_compile_applies_the_database(env: Path, tuned: dict, tmp_path: Path) ->
 
     lines: list[str] = []
     meta = compile_job(_opts(env), tmp_path / "tuned", log=lines.append)
-    assert any(n.startswith("winoq_gemm_") for n in meta["tuned"]), meta["tuned"]
     assert meta["tune_log"] == str(tuned["dir"])
     report = (tmp_path / "tuned" / "report.txt").read_text()
-    assert "PrimFuncs use tuned schedules from" in report and meta["tuned"][0] in report
+    assert "PrimFuncs use tuned schedules from" in report and all(n in report for n in meta["tuned"])
+    # every task is either tuned or kept its (measured faster) hand schedule
+    kept = [r["name"] for r in tuned["result"]["tasks"] if "kept" in r["status"]]
+    assert sorted(meta["tuned"] + kept) == sorted(r["name"] for r in tuned["result"]["tasks"])
+    assert not kept or f"{len(kept)} kept the hand schedule" in report
     hand = compile_job(_opts(env), tmp_path / "hand", log=lines.append, database=False)
     assert hand["tuned"] == [] and hand["tune_log"] is None
     x = np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)
     y_tuned, y_hand = load(tmp_path / "tuned" / "module.so")(x), load(tmp_path / "hand" / "module.so")(x)
     np.testing.assert_allclose(y_tuned, y_hand, rtol=1e-4, atol=1e-4)
+
+
+def _with_baselines(src: Path, dst: Path, hand_ms: float) -> Path:
+    """A copy of the log whose hand-schedule baseline of every workload is ``hand_ms``."""
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / tune_mod.META_FILE).read_text())
+    workloads = {t["workload"] for c in meta["configs"].values() for t in c["tasks"].values()}
+    assert set(meta["baselines"]) == workloads
+    meta["baselines"] = dict.fromkeys(meta["baselines"], hand_ms)
+    (dst / tune_mod.META_FILE).write_text(json.dumps(meta))
+    return dst
+
+
+@slow
+def test_tuned_schedules_apply_only_where_faster_than_hand(env: Path, tuned: dict, tmp_path: Path) -> None:
+    """`winoq tune` times each hand schedule; compile keeps it where no tuned record beats it."""
+    rows = tuned["result"]["tasks"]
+    assert all(r["hand_ms"] is not None and r["hand_ms"] > 0 for r in rows), rows
+    lines: list[str] = []
+    fast = _with_baselines(tuned["dir"], tmp_path / "fast", 1e-9)  # no tuned record beats this
+    meta = compile_job(_opts(env), tmp_path / "o1", log=lines.append, database=fast)
+    assert meta["tuned"] == [] and "4 kept the hand schedule" in (tmp_path / "o1" / "report.txt").read_text()
+    slow_ = _with_baselines(tuned["dir"], tmp_path / "slow", 1e9)  # every tuned record beats this
+    assert len(compile_job(_opts(env), tmp_path / "o2", log=lines.append, database=slow_)["tuned"]) == 4
 
 
 @slow
@@ -341,7 +368,8 @@ def test_top_tunes_only_the_heaviest_task(env: Path, tmp_path: Path) -> None:
     assert any("the 1 of 4 tasks with the most FLOPs" in ln for ln in lines), lines
     assert f"--tune-log {tmp_path / 'db'}" in lines[-1]  # not the default folder: say how to apply it
     meta = compile_job(_opts(env), tmp_path / "out", log=lines.append, database=tmp_path / "db")
-    assert len(meta["tuned"]) == 1 and meta["tuned"][0].startswith("winoq_gemm_")
+    kept = [r["name"] for r in res["tasks"] if "kept" in r["status"]]  # the hand schedule was faster
+    assert len(meta["tuned"] + kept) == 1 and (meta["tuned"] + kept)[0].startswith("winoq_gemm_")
 
 
 @slow
@@ -426,8 +454,9 @@ def test_tune_on_emulated_board(env: Path, tmp_path: Path) -> None:
         meta = compile_job(
             _opts(env, target="rpi5"), tmp_path / "out", log=lines.append, database=tmp_path / "db"
         )
-        assert len(meta["tuned"]) == 3
+        kept = [r["name"] for r in res["tasks"] if "kept" in r["status"]]  # the hand schedule was faster
+        assert all(r["hand_ms"] for r in res["tasks"]) and len(meta["tuned"] + kept) == 3
         out = bench_job(tmp_path / "out", rpc=info["rpc"], number=1, repeat=2, log=lines.append)
-        assert out["emulated"] and sum(r["tuned"] for r in out["layers"]) == 3
+        assert out["emulated"] and sum(r["tuned"] for r in out["layers"]) == len(meta["tuned"])
     finally:
         board_stop(port)

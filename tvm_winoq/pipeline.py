@@ -186,6 +186,9 @@ def compile_job(
             f"{len(compiled.tuned)} PrimFuncs use tuned schedules from {tune_log.path}"
             + (": " + ", ".join(compiled.tuned) if compiled.tuned else " (none matched this configuration)")
         )
+        if tune_log.kept_hand:
+            report.append(f"{len(tune_log.kept_hand)} kept the hand schedule (measured faster than tuned): "
+                          + ", ".join(tune_log.kept_hand))
     log("\n".join(report))
     meta = {
         "model": spec,

@@ -46,7 +46,15 @@ from .tune_log import (
     tune_log_dir,
     write_meta,
 )
-from .tune_ms import Interrupt, Task, make_builder, make_context, make_runner, stop_callback
+from .tune_ms import (
+    Interrupt,
+    Task,
+    make_builder,
+    make_context,
+    make_runner,
+    measure_hand_schedules,
+    stop_callback,
+)
 
 __all__ = [
     "FAILED_RUN_SECS",
@@ -196,7 +204,8 @@ def _search(
 
 
 def _rows(tasks: list[Task], final: TuneLog) -> list[dict[str, Any]]:
-    """Per task: records, failures and the best measured time in ``final``."""
+    """Per task: records, failures, the best measured time in ``final`` and the hand schedule's."""
+    baselines = (final.meta or {}).get("baselines", {})
     rows = []
     for task in tasks:
         best = None
@@ -204,6 +213,10 @@ def _rows(tasks: list[Task], final: TuneLog) -> list[dict[str, Any]]:
             top = final.database.get_top_k(final.database.commit_workload(task.mod), 1)
             if top:
                 best = 1e3 * float(sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs))
+        hand = baselines.get(task.workload)
+        status = "tuned" if task.skipped in ("", "done") else f"skipped: {task.skipped}"
+        if status == "tuned" and best is not None and hand is not None and best >= hand:
+            status = "tuned, hand schedule faster (kept)"
         rows.append(
             {
                 "name": task.name,
@@ -212,7 +225,8 @@ def _rows(tasks: list[Task], final: TuneLog) -> list[dict[str, Any]]:
                 "records": final.records.get(task.workload, 0),
                 "failed": final.failures.get(task.workload, 0),
                 "best_ms": best,
-                "status": "tuned" if task.skipped in ("", "done") else f"skipped: {task.skipped}",
+                "hand_ms": hand,
+                "status": status,
                 "dropped_rules": task.dropped_rules,
             }
         )
@@ -324,6 +338,7 @@ def tune_job(
         if top is not None and top < len(todo):
             log(f"  the {top} of {len(todo)} tasks with the most FLOPs per run: --top {top}")
             todo = _heaviest(todo, top)
+            log("  " + ", ".join(t.name for t in todo))
     log(f"  {len(todo)} tasks ({sum(t.kind != 'op' for t in todo)} Winograd kernels) -> {folder}")
     tl = read_tune_log(folder, target, model=job.spec, repair=True, allow_missing=True)
     meta = tl.meta or {
@@ -358,6 +373,15 @@ def tune_job(
                 elif task.skipped:
                     log(f"  {task.name}: skipped ({task.skipped})")
         todo = [t for t in todo if not t.skipped]
+    builder = make_builder(preset, timeout)
+    runner = make_runner(preset, rpc, tracker, key, timeout)
+    baselines = meta.setdefault("baselines", {})
+    fresh = [t for t in all_tasks if t.workload not in baselines]
+    if fresh:
+        with _phase("hand schedules", log):
+            baselines.update(measure_hand_schedules(fresh, target, builder, runner))
+            write_meta(folder, meta)
+            log(f"  timed the hand schedule of {len(fresh)} tasks (a tuned schedule must beat it)")
     if todo:
         try:
             _search(
@@ -368,8 +392,8 @@ def tune_job(
                 database=tl.database,
                 trials=trials,
                 trials_per_iter=trials_per_iter,
-                builder=make_builder(preset, timeout),
-                runner=make_runner(preset, rpc, tracker, key, timeout),
+                builder=builder,
+                runner=runner,
                 log=log,
             )
         except KeyboardInterrupt:
@@ -416,15 +440,19 @@ def format_tune_table(result: dict[str, Any]) -> str:
         if emu
         else []
     )
-    best_head = "best emulated ms" if emu else "best ms"
+    unit = "emulated ms" if emu else "ms"
     lines.append(
-        f"{'task':40s} {'kind':6s} {'calls':>5s} {'trials':>6s} {'failed':>6s} {best_head:>16s}  status"
+        f"{'task':40s} {'kind':6s} {'calls':>5s} {'trials':>6s} {'failed':>6s} {'best ' + unit:>16s} "
+        f"{'hand ' + unit:>16s}  status"
     )
+
+    def ms(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
+
     for r in result["tasks"]:
-        best = f"{r['best_ms']:.4f}" if r["best_ms"] is not None else "-"
         lines.append(
             f"{r['name'][:40]:40s} {r['kind']:6s} {r['weight']:5d} {r['records']:6d} {r['failed']:6d} "
-            f"{best:>16s}  {r['status']}"
+            f"{ms(r['best_ms']):>16s} {ms(r.get('hand_ms')):>16s}  {r['status']}"
         )
     how = f"winoq compile {result['model']} --target {result['preset']}"
     if not result.get("default_dir", True):

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,9 @@ class TuneLog:
     expect_match : bool
         Whether applying it to a model that matches none of its workloads is an error (the log
         claims this configuration, or it has no metadata to say what it is for).
+    kept_hand : list of str
+        Set by :func:`apply_database`: PrimFuncs with records that kept their hand schedule because it
+        measured faster than the best tuned record.
     """
 
     path: Path
@@ -218,6 +221,7 @@ class TuneLog:
     failures: dict[str, int]
     meta: dict[str, Any] | None
     expect_match: bool = True
+    kept_hand: list[str] = field(default_factory=list)
 
     @property
     def total_records(self) -> int:
@@ -425,7 +429,10 @@ def apply_database(mod: Any, target: Any, database: Any) -> Any:
     """Apply a tune log to a fused module (from ``lower(..., schedule=False)`` or the same passes).
 
     PrimFuncs with a record get the best schedule (``tirx.is_scheduled`` and ``winoq.tuned`` set, the
-    ``winoq.kernel`` attribute kept); the others are returned unchanged.
+    ``winoq.kernel`` attribute kept); the others are returned unchanged.  When the log's metadata has
+    the measured time of the hand schedule of a workload (``baselines``, written by ``winoq tune``) and
+    the best tuned record is not faster, the PrimFunc is left to the hand schedule; their names are
+    in :attr:`TuneLog.kept_hand`.
 
     Parameters
     ----------
@@ -444,22 +451,32 @@ def apply_database(mod: Any, target: Any, database: Any) -> Any:
     from tvm import relax, tirx
 
     db = database.database if isinstance(database, TuneLog) else database
+    baselines = (database.meta or {}).get("baselines", {}) if isinstance(database, TuneLog) else {}
     before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
     with target, db, tvm.transform.PassContext(opt_level=3):
         out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    tuned = []
+    tuned, kept = [], []
     for gv, func in list(out.functions.items()):
         old = before.get(gv.name_hint)
         if not isinstance(func, tirx.PrimFunc) or old is None or func.same_as(old):
             continue
         if func.attrs is None or _SCHEDULED_ATTR not in func.attrs:
             continue
+        hand = baselines.get(_workload_of(db, old) or "") if baselines else None
+        best = _best_ms(db, old) if hand is not None else None
+        if hand is not None and best is not None and best >= hand:
+            out[gv] = old  # the hand schedule measured faster: the family schedules it later
+            kept.append(gv.name_hint)
+            continue
         func = func.with_attr(_TUNED_ATTR, True)
         if old.attrs is not None and "winoq.kernel" in old.attrs:
             func = func.with_attr("winoq.kernel", old.attrs["winoq.kernel"])
         out[gv] = func
         tuned.append(gv.name_hint)
-    if isinstance(database, TuneLog) and database.expect_match and database.valid_records and not tuned:
+    if isinstance(database, TuneLog):
+        database.kept_hand = kept
+    matched = tuned or kept
+    if isinstance(database, TuneLog) and database.expect_match and database.valid_records and not matched:
         where = database.path / (META_FILE if database.meta is not None else WORKLOAD_FILE)
         raise TuneLogError(
             f"{where}: foreign or stale tune log: none of its {len(database.workloads)} workloads is a "
@@ -468,6 +485,26 @@ def apply_database(mod: Any, target: Any, database: Any) -> Any:
         )
     return out
 
+def _workload_of(db: Any, func: Any) -> str | None:
+    """The workload hash of PrimFunc ``func`` in ``db`` (as in the workload file), if it is there."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    mod = _normalize_mod(func)
+    return str(db.commit_workload(mod).as_json()[0]) if db.has_workload(mod) else None
+
+
+def _best_ms(db: Any, func: Any) -> float | None:
+    """Mean time (ms) of the best valid record of PrimFunc ``func`` in ``db``."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    mod = _normalize_mod(func)
+    if not db.has_workload(mod):
+        return None
+    top = db.get_top_k(db.commit_workload(mod), 1)
+    if not top or not top[0].run_secs:
+        return None
+    secs = [float(s) for s in top[0].run_secs]
+    return 1e3 * sum(secs) / len(secs) if min(secs) < FAILED_RUN_SECS else None
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:

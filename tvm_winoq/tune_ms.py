@@ -7,6 +7,7 @@ MetaSchedule's builder and runner processes; they import TVM only inside their b
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ __all__ = [
     "make_builder",
     "make_context",
     "make_runner",
+    "measure_hand_schedules",
     "ms_build",
     "ms_create_session",
     "ms_export",
@@ -312,3 +314,55 @@ def make_runner(preset: Any, rpc: str | None, tracker: str | None, key: str, tim
         max_workers=1,
     )
 
+
+
+def measure_hand_schedules(
+    tasks: Sequence[Task], target: Any, builder: Any, runner: Any, repeat: int = 3
+) -> dict[str, float | None]:
+    """Time the hand schedule (``schedules/<family>.py``) of every task with the tuning builder and runner.
+
+    This is the baseline a tuned schedule must beat to be applied (see
+    :func:`tvm_winoq.tune_log.apply_database`).  Each is measured ``repeat`` times and the fastest kept,
+    like the best of the tuning trials.
+
+    Returns
+    -------
+    dict
+        Workload hash -> milliseconds, ``None`` where the hand schedule failed to build or run (or the
+        target has no schedule family).
+    """
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .relax.schedules import schedules_for
+
+    family = schedules_for(target)
+    out: dict[str, float | None] = {t.workload: None for t in tasks}
+    if family is None or not tasks:
+        return out
+    mods = []
+    for task in tasks:
+        mod = tvm.IRModule({"main": task.mod["main"]})
+        mods.append(
+            family.schedule_other_ops(mod, target)
+            if task.kind == "op"
+            else family.schedule_winoq_kernels(mod, target)
+        )
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
+    pending = []
+    for task, mod, res in zip(tasks, mods, built, strict=True):
+        if res.error_msg is None and res.artifact_path:
+            info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+            inp = ms.runner.RunnerInput(res.artifact_path, device, info)
+            pending.append((task, res.artifact_path, inp))
+    futures = runner.run([inp for _, _, inp in pending for _ in range(repeat)])
+    for i, (task, path, _) in enumerate(pending):
+        times = []
+        for fut in futures[i * repeat : (i + 1) * repeat]:
+            res = fut.result()
+            if res.error_msg is None and res.run_secs:
+                times.append(1e3 * sum(float(s) for s in res.run_secs) / len(res.run_secs))
+        out[task.workload] = min(times) if times else None
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    return out
