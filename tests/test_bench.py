@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +18,12 @@ import pytest
 
 pytest.importorskip("tvm")
 
+from rpc_servers import emulated_board, free_port, rpc_server, rpc_tracker, wait_for  # noqa: E402
+
 from tvm_winoq.bench import bench_job, detect_emulation  # noqa: E402
 from tvm_winoq.cli import main  # noqa: E402
 from tvm_winoq.errors import ConfigError, DeviceError, TargetError  # noqa: E402
-from tvm_winoq.rpc import probe_server, tracker_summary  # noqa: E402
+from tvm_winoq.rpc import tracker_summary  # noqa: E402
 from tvm_winoq.targets import get_preset  # noqa: E402
 
 board = pytest.mark.board
@@ -41,12 +40,6 @@ model = nn.Sequential(
 ).eval()
 example_input = torch.randn(1, 8, 16, 16)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -95,36 +88,10 @@ def test_bench_local(host_out: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_bench_local_rpc_server(host_out: Path, tmp_path: Path) -> None:
     """A stock `python -m tvm.exec.rpc_server` on 127.0.0.1 (host code: a real, not emulated, device)."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--port-end", str(port + 1)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                probe_server("127.0.0.1", port, timeout=2)
-                break
-            except DeviceError:
-                assert proc.poll() is None and time.monotonic() < deadline, "rpc_server did not start"
-                time.sleep(0.3)
-        res = bench_job(
-            host_out,
-            rpc=f"127.0.0.1:{port}",
-            number=2,
-            repeat=2,
-            json_path=tmp_path / "b.json",
-            log=lambda s: None,
-        )
-        _check_result(res, emulated=False)
-        assert json.loads((tmp_path / "b.json").read_text())["device"] == f"rpc 127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with rpc_server() as addr:
+        res = bench_job(host_out, rpc=addr, number=2, repeat=2, json_path=tmp_path / "b.json", log=print)
+    _check_result(res, emulated=False)
+    assert json.loads((tmp_path / "b.json").read_text())["device"] == f"rpc {addr}"
 
 
 def test_bench_end_to_end_only(host_out: Path, tmp_path: Path) -> None:
@@ -138,7 +105,7 @@ def test_bench_end_to_end_only(host_out: Path, tmp_path: Path) -> None:
 
 def test_dead_and_silent_devices_fail_fast(host_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Nothing listening, or a server that never answers: a DeviceError from the probe, not a hang."""
-    assert main(["bench", str(host_out), "--rpc", f"127.0.0.1:{_free_port()}", "--no-layers"]) == 2
+    assert main(["bench", str(host_out), "--rpc", f"127.0.0.1:{free_port()}", "--no-layers"]) == 2
     assert "connection refused" in capsys.readouterr().err
     with socket.socket() as listener:  # accepts TCP, never answers: hung or busy device
         listener.bind(("127.0.0.1", 0))
@@ -149,29 +116,9 @@ def test_dead_and_silent_devices_fail_fast(host_out: Path, capsys: pytest.Captur
 
 
 def test_unknown_tracker_key(host_out: Path) -> None:
-    pytest.importorskip("tornado", reason="the TVM RPC tracker needs tornado")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--port-end", str(port + 1), "--silent"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                tracker_summary(f"127.0.0.1:{port}", timeout=1)
-                break
-            except DeviceError:
-                assert proc.poll() is None and time.monotonic() < deadline, "tracker did not start"
-                time.sleep(0.3)
-        with pytest.raises(DeviceError, match="no device with key 'nope'"):
-            bench_job(host_out, tracker=f"127.0.0.1:{port}", key="nope", layers=False, log=lambda s: None)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with rpc_tracker() as tracker:
+        with pytest.raises(DeviceError, match="no device with key 'nope'.*registered keys: none"):
+            bench_job(host_out, tracker=tracker, key="nope", layers=False, log=lambda s: None)
 
 
 def test_bad_arguments(host_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,59 +156,24 @@ def rpi5_out(env: Path) -> Path:
     return _compile(env, "rpi5")
 
 
-def _start_board(**kwargs: object) -> dict:
-    from tvm_winoq.board import board_start
-
-    try:
-        return board_start(**kwargs)  # type: ignore[arg-type]
-    except DeviceError as exc:
-        if "sudo apt-get" in str(exc):
-            pytest.skip(str(exc))
-        raise
-
-
 @board
 @slow
 def test_bench_on_emulated_board(rpi5_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tvm_winoq.board import board_stop
-
-    port = _free_port()
-    try:
-        info = _start_board(cpu="max", port=port)
+    with emulated_board(cpu="max") as info:
         assert main(["bench", str(rpi5_out), "--rpc", info["rpc"], "--number", "1", "--repeat", "2"]) == 0
-        text = capsys.readouterr().out
-        assert "*** EMULATED" in text and "emulated ms" in text and "emulated us" in text
-        res = json.loads((rpi5_out / "bench.json").read_text())
-        _check_result(res, emulated=True)
-        assert "qemu board" in res["emulation"] or "serves rpi5 code" in res["emulation"]
-    finally:
-        board_stop(port)
+    text = capsys.readouterr().out
+    assert "*** EMULATED" in text and "emulated ms" in text and "emulated us" in text
+    res = json.loads((rpi5_out / "bench.json").read_text())
+    _check_result(res, emulated=True)
+    assert "qemu board" in res["emulation"] or "serves rpi5 code" in res["emulation"]
 
 
 @board
 @slow
 def test_bench_through_tracker_on_emulated_board(rpi5_out: Path, tmp_path: Path) -> None:
-    pytest.importorskip("tornado", reason="the TVM RPC tracker needs tornado")
-    from tvm_winoq.board import board_stop
-
-    tport, port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport)]
-    cmd += ["--port-end", str(tport + 1), "--silent"]
-    tracker = f"127.0.0.1:{tport}"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                tracker_summary(tracker, timeout=1)
-                break
-            except DeviceError:
-                assert proc.poll() is None and time.monotonic() < deadline, "tracker did not start"
-                time.sleep(0.3)
-        _start_board(cpu="max", port=port, key="rpi5-emu", tracker=tracker, max_sessions=1)
-        while "rpi5-emu" not in tracker_summary(tracker):
-            assert time.monotonic() < deadline + 30, "board did not register"
-            time.sleep(0.3)
+    """A board registered at a tracker under its key: bench asks the tracker; a missing key is named."""
+    with rpc_tracker() as tracker, emulated_board(cpu="max", key="rpi5-emu", tracker=tracker, max_sessions=1):
+        wait_for(lambda: "rpi5-emu" in tracker_summary(tracker), "board registration")
         res = bench_job(
             rpi5_out,
             tracker=tracker,
@@ -275,11 +187,3 @@ def test_bench_through_tracker_on_emulated_board(rpi5_out: Path, tmp_path: Path)
         _check_result(res, emulated=True)
         with pytest.raises(DeviceError, match="no device with key 'rpi5'.*rpi5-emu"):
             bench_job(rpi5_out, tracker=tracker, key="rpi5", layers=False, log=lambda s: None)
-    finally:
-        board_stop(port)
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

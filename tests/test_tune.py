@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
+from rpc_servers import emulated_board, free_port, wait_for  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
@@ -45,12 +45,6 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).eval()
 example_input = torch.randn(1, 8, 16, 16)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,7 +211,7 @@ def test_tune_unreachable_device_fails_fast(tmp_path: Path) -> None:
     from tvm_winoq.errors import DeviceError
 
     with pytest.raises(DeviceError, match="connection refused"):
-        tune_job(CompileOptions(model="x.py", target="rpi5"), 2, rpc=f"127.0.0.1:{_free_port()}", timeout=5)
+        tune_job(CompileOptions(model="x.py", target="rpi5"), 2, rpc=f"127.0.0.1:{free_port()}", timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,7 +340,7 @@ def test_compile_rejects_corrupt_and_foreign_logs(env: Path, tuned: dict, tmp_pa
 def test_lost_device_records_failures_and_continues(env: Path, tmp_path: Path, monkeypatch) -> None:
     """The RPC runner's device disappears after the connection check: every trial fails, tuning goes on."""
     monkeypatch.setattr(tune_mod, "_check_device", lambda *a: "RPC (gone)")
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     res = tune_job(
         _opts(env), 1, rpc=dead, timeout=20, log_dir=tmp_path / "db", tasks="winoq", log=lambda s: None
     )
@@ -379,7 +373,6 @@ def test_interrupt_keeps_records_and_resumes(env: Path, tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
-    import time
 
     folder = tmp_path / "db"
     cmd = [
@@ -399,18 +392,23 @@ def test_interrupt_keeps_records_and_resumes(env: Path, tmp_path: Path) -> None:
         "--log-dir",
         str(folder),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_file = tmp_path / "tune.out"  # a file, not a pipe: a full pipe would block the child
+    with open(out_file, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 400
-        while not ((folder / RECORD_FILE).is_file() and (folder / RECORD_FILE).read_text().count("\n") >= 1):
-            assert proc.poll() is None and time.monotonic() < deadline, "tuning did not start"
-            time.sleep(1)
+        wait_for(
+            lambda: (folder / RECORD_FILE).is_file() and (folder / RECORD_FILE).read_text().count("\n") >= 1,
+            "the first tuning record",
+            proc,
+            within=600,
+        )
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+    out = out_file.read_text()
     assert proc.returncode == 130, out[-2000:]
     assert "interrupted" in out and "run the same command again to continue" in out
     kept = (folder / RECORD_FILE).read_bytes()
@@ -428,17 +426,8 @@ def test_tune_on_emulated_board(env: Path, tmp_path: Path) -> None:
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("no aarch64 cross gcc")
     from tvm_winoq.bench import bench_job
-    from tvm_winoq.board import board_start, board_stop
-    from tvm_winoq.errors import DeviceError
 
-    port = _free_port()
-    try:
-        try:
-            info = board_start(cpu="max", port=port)
-        except DeviceError as exc:
-            if "sudo apt-get" in str(exc):
-                pytest.skip(str(exc))
-            raise
+    with emulated_board(cpu="max") as info:
         lines: list[str] = []
         res = tune_job(
             _opts(env, target="rpi5"),
@@ -458,5 +447,3 @@ def test_tune_on_emulated_board(env: Path, tmp_path: Path) -> None:
         assert all(r["hand_ms"] for r in res["tasks"]) and len(meta["tuned"] + kept) == 3
         out = bench_job(tmp_path / "out", rpc=info["rpc"], number=1, repeat=2, log=lines.append)
         assert out["emulated"] and sum(r["tuned"] for r in out["layers"]) == len(meta["tuned"])
-    finally:
-        board_stop(port)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, DeviceError, TargetError, WinoqError
+from .errors import ConfigError, TargetError, WinoqError
 
 __all__ = ["bench_job", "detect_emulation", "format_bench", "lowered_module", "primfunc_table"]
 
@@ -86,18 +86,12 @@ def detect_emulation(
 
 def _preflight(rpc: str | None, tracker: str | None, key: str, timeout: float) -> None:
     """Fail fast (DeviceError) when the server does not answer or the tracker lacks ``key``."""
-    from .rpc import parse_address, probe_server, tracker_summary
+    from .rpc import parse_address, probe_server, require_key, tracker_summary
 
     if rpc is not None:
         probe_server(*parse_address(rpc, "rpc"), timeout=timeout)
     elif tracker is not None:
-        devices = tracker_summary(tracker, timeout=timeout)
-        if key not in devices:
-            known = ", ".join(sorted(devices)) or "none"
-            raise DeviceError(
-                f"no device with key {key!r} is registered at the RPC tracker {tracker} "
-                f"(registered keys: {known})"
-            )
+        require_key(tracker_summary(tracker, timeout=timeout), key, tracker)
 
 
 def _open_session(rpc: str | None, tracker: str | None, key: str, local: bool, timeout: float) -> Any:

@@ -36,6 +36,7 @@ __all__ = [
     "parse_address",
     "probe_server",
     "remote_bench",
+    "require_key",
     "tracker_summary",
 ]
 
@@ -291,17 +292,31 @@ def _open_session(host: str, port: int, key: str, session_timeout: float, timeou
         raise _device_error(exc, f"connecting to {what}") from exc
 
 
+def require_key(devices: dict[str, Any], key: str, tracker: str) -> None:
+    """Raise :class:`DeviceError` naming the registered keys when ``key`` is not among ``devices``.
+
+    Parameters
+    ----------
+    devices : dict
+        :func:`tracker_summary` of the tracker.
+    key : str
+        The device key asked for.
+    tracker : str
+        ``HOST:PORT`` of the tracker (for the message).
+    """
+    if key not in devices:
+        known = ", ".join(sorted(devices)) or "none"
+        raise DeviceError(
+            f"no device with key {key!r} is registered at the RPC tracker {tracker} "
+            f"(registered keys: {known})"
+        )
+
+
 def _tracker_request(host: str, port: int, key: str, priority: int, timeout: float) -> list:
     """Ask the tracker for a free server with ``key``: ``[url, port, matchkey]``."""
     sock = _tracker_open(host, port, timeout)
     try:
-        devices = _summary(sock)
-        if key not in devices:
-            known = ", ".join(sorted(devices)) or "none"
-            raise DeviceError(
-                f"no device with key {key!r} is registered at the RPC tracker {host}:{port} "
-                f"(registered keys: {known})"
-            )
+        require_key(_summary(sock), key, f"{host}:{port}")
         value = _tracker_call(sock, [_TRACKER_REQUEST, key, "", priority])
     except TimeoutError as exc:
         raise DeviceError(
