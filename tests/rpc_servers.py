@@ -84,15 +84,28 @@ def rpc_tracker() -> Iterator[str]:
 
 
 @contextmanager
-def rpc_server() -> Iterator[str]:
-    """The stock ``tvm.exec.rpc_server`` (host code: a real, not emulated, device)."""
-    from tvm_winoq.rpc import parse_address, probe_server
+def rpc_server(tracker: str | None = None, key: str = "") -> Iterator[str]:
+    """The stock ``tvm.exec.rpc_server`` (host code: a real, not emulated, device).
 
-    def ready(addr: str) -> bool:
-        probe_server(*parse_address(addr), timeout=2)  # DeviceError until it answers
-        return True
+    With ``tracker`` it registers there under ``key`` (ready once the tracker lists one more free server).
+    """
+    from tvm_winoq.rpc import parse_address, probe_server, tracker_summary
 
-    with tvm_exec("rpc_server", ready) as addr:
+    if tracker is None:
+
+        def ready(addr: str) -> bool:
+            probe_server(*parse_address(addr), timeout=2)  # DeviceError until it answers
+            return True
+
+        with tvm_exec("rpc_server", ready) as addr:
+            yield addr
+        return
+
+    def free() -> int:
+        return int(tracker_summary(tracker, timeout=2).get(key, {}).get("free", 0))
+
+    before = free()
+    with tvm_exec("rpc_server", lambda addr: free() > before, "--tracker", tracker, "--key", key) as addr:
         yield addr
 
 

@@ -94,6 +94,21 @@ def test_bench_local_rpc_server(host_out: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "b.json").read_text())["device"] == f"rpc {addr}"
 
 
+def test_bench_through_tracker_fleet(host_out: Path) -> None:
+    """Two stock RPC servers under one key at a tracker: with one busy, bench gets the other."""
+    from tvm_winoq.rpc import connect
+
+    with rpc_tracker() as tracker, rpc_server(tracker, "host-pool"), rpc_server(tracker, "host-pool"):
+        assert len(tracker_summary(tracker)["host-pool"]["servers"]) == 2
+        busy = connect(tracker=tracker, key="host-pool", timeout=30)  # holds one server
+        res = bench_job(
+            host_out, tracker=tracker, key="host-pool", number=1, repeat=2, timeout=120, log=lambda s: None
+        )
+        del busy
+    _check_result(res, emulated=False)
+    assert res["device"] == f"tracker {tracker} key host-pool"
+
+
 def test_bench_end_to_end_only(host_out: Path, tmp_path: Path) -> None:
     res = bench_job(
         host_out, local=True, layers=False, repeat=2, json_path=tmp_path / "b.json", log=lambda s: None

@@ -60,13 +60,10 @@ def add_one(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
             b[vi] = a[vi] + T.float32(1)
 
 
-@T.prim_func(s_tir=True)
-def mul_two(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
-    T.func_attr({"global_symbol": "main", "tir.noalias": True})
-    for i in range(16):
-        with T.sblock("b"):
-            vi = T.axis.spatial(16, i)
-            b[vi] = a[vi] * T.float32(2)
+def _mul_two() -> tvm.tirx.PrimFunc:
+    """Another PrimFunc (not in any test database)."""
+    a = tvm.te.placeholder((16,), "float32", name="a")
+    return tvm.te.create_prim_func([a, tvm.te.compute((16,), lambda i: a[i] * 2.0, name="b")])
 
 
 def _make_db(folder: Path, target: tvm.target.Target, func=add_one, run_secs: float = 1e-5) -> Path:
@@ -176,7 +173,7 @@ def test_apply_database(tmp_path: Path, host_target) -> None:
     out = apply_database(tvm.IRModule({"add_one": func}), host_target, tl)
     func = out["add_one"]
     assert "winoq.tuned" in func.attrs and func.attrs["winoq.kernel"] == "input"
-    other = tvm.IRModule({"mul_two": mul_two.with_attr("global_symbol", "mul_two")})
+    other = tvm.IRModule({"mul_two": _mul_two().with_attr("global_symbol", "mul_two")})
     with pytest.raises(TuneLogError, match="foreign or stale tune log"):
         apply_database(other, host_target, tl)
     tl.expect_match = False  # e.g. the log's metadata says this configuration was never tuned
@@ -212,6 +209,20 @@ def test_tune_unreachable_device_fails_fast(tmp_path: Path) -> None:
 
     with pytest.raises(DeviceError, match="connection refused"):
         tune_job(CompileOptions(model="x.py", target="rpi5"), 2, rpc=f"127.0.0.1:{free_port()}", timeout=5)
+
+
+def test_shipped_craft_log_is_valid() -> None:
+    """The committed host log of the README's main job: not corrupt, not foreign, claims its configuration."""
+    from tvm_winoq.paths import REPO_DIR
+
+    folder = REPO_DIR / "tune_logs" / "host-avx2" / "craft"
+    if not (folder / RECORD_FILE).is_file():
+        pytest.skip("no shipped tune log in this checkout")
+    main_job = CompileOptions(model="craft", tile=4, input_size=384)  # winoq compile craft --tile 4 ...
+    tl = read_tune_log(folder, get_preset("host").tvm_target(), model="craft", config=config_key(main_job))
+    assert tl.expect_match and tl.valid_records > 0 and tl.meta["preset"] == "host-avx2"
+    tuned = {t["workload"] for t in tl.meta["configs"][config_key(main_job)]["tasks"].values()}
+    assert tuned <= set(tl.workloads) and all(tl.meta["baselines"].get(w) for w in tuned)
 
 
 # ---------------------------------------------------------------------------------------------------------
