@@ -187,7 +187,7 @@ def direct_func(spec: DirectSpec, debug: bool = False) -> tirx.PrimFunc:
                                xq: T.Buffer((nb, hp, wp, c), "int8"), sx: T.Buffer((1,), "float32"),
                                acc: T.Buffer((nb, oh, ow, k), "int32"),
                                y: T.Buffer((nb, k, oh, ow), "float32")):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tirx.noalias": True})
             body(x, wq, sw, bias, xq, sx, acc, y)
 
         return winoq_direct_debug
@@ -196,7 +196,7 @@ def direct_func(spec: DirectSpec, debug: bool = False) -> tirx.PrimFunc:
     def winoq_direct(x: T.Buffer((nb, c, h, w), "float32"), wq: T.Buffer((kh, kw, cg, k), "int8"),
                      sw: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
                      y: T.Buffer((nb, k, oh, ow), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         xq = T.sblock_alloc_buffer((nb, hp, wp, c), "int8")
         sx = T.sblock_alloc_buffer((1,), "float32")
         acc = T.sblock_alloc_buffer((nb, oh, ow, k), "int32")

@@ -298,7 +298,7 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     @T.prim_func(s_tir=True, private=True)
     def winoq_input(x: T.Buffer((nb, c, h, w), "float32"), vq: T.Buffer((p, t, c), vq_dt),
                     sv: T.Buffer((p, t, gv), "float32"), sx: T.Buffer((1,), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         xmax = T.sblock_alloc_buffer((1,), "float32")
         xp = T.sblock_alloc_buffer((nb, hp, wp, c), "int32")  # quantized, padded, NHWC
         tmp = T.sblock_alloc_buffer((t, n, n, c), "int32")  # BT_int d (per tile)
@@ -378,7 +378,7 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         def winoq_gemm_debug(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
                              uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
                              acc: T.Buffer((p, t, k, ng), "int32"), mf: T.Buffer((p, t, k), "float32")):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tirx.noalias": True})
             body(vq, sv, uq, su, acc, mf)
 
         return winoq_gemm_debug
@@ -387,7 +387,7 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     def winoq_gemm(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
                    uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
                    mf: T.Buffer((p, t, k), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         acc = T.sblock_alloc_buffer((p, t, k, ng), "int32")
         body(vq, sv, uq, su, acc, mf)
 
@@ -465,7 +465,7 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                                bias: T.Buffer((k,), "float32"), mq: T.Buffer((p, t, k), mq_dt),
                                sm: T.Buffer((pm, tm, gm), "float32"),
                                y: T.Buffer((nb, k, oh, ow), "float32")):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tirx.noalias": True})
             body(mf, sx, bias, mq, sm, y)
 
         return winoq_output_debug
@@ -473,7 +473,7 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     @T.prim_func(s_tir=True, private=True)
     def winoq_output(mf: T.Buffer((p, t, k), "float32"), sx: T.Buffer((1,), "float32"),
                      bias: T.Buffer((k,), "float32"), y: T.Buffer((nb, k, oh, ow), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         mq = T.sblock_alloc_buffer((p, t, k), mq_dt)
         sm = T.sblock_alloc_buffer((pm, tm, gm), "float32")
         body(mf, sx, bias, mq, sm, y)
