@@ -43,7 +43,6 @@ __all__ = [
     "resolve_tune_log",
     "target_key",
     "tune_log_dir",
-    "write_meta",
 ]
 
 WORKLOAD_FILE = "database_workload.json"
@@ -61,18 +60,8 @@ _SCHEDULED_ATTR = "tirx.is_scheduled"
 
 
 def model_key(spec: str) -> str:
-    """Folder name of a model under ``tune_logs/<preset>/``.
-
-    Parameters
-    ----------
-    spec : str
-        Registered model name (``craft``) or path of a ``.py`` model file.
-
-    Returns
-    -------
-    str
-        The name itself, or the file stem (``net.py`` -> ``net``).
-    """
+    """Folder name of model ``spec`` under ``tune_logs/<preset>/``: a registered name (``craft``) itself, the
+    stem of a ``.py`` model file (``path/net.py`` -> ``net``)."""
     return Path(spec).stem if spec.endswith(".py") else spec
 
 
@@ -128,15 +117,10 @@ def tune_log_dir(preset: str, spec: str, writable: bool = False) -> Path:
 
 
 def find_tune_log(preset: str, spec: str) -> Path | None:
-    """The tune log folder of ``preset`` and model ``spec``, if there is one.
+    """The tune log folder (holding a tuning-record file) of ``preset`` and model ``spec``, or ``None``.
 
     The writable location (where ``winoq tune`` writes) is looked at first, then the shipped one
     (``tune_logs/`` of the checkout, or of the installed package).
-
-    Returns
-    -------
-    Path or None
-        A folder holding a tuning-record file, or ``None``.
     """
     seen: list[Path] = []
     for writable in (True, False):
@@ -431,7 +415,8 @@ def apply_database(mod: Any, target: Any, database: Any) -> Any:
     PrimFuncs with a record get the best schedule (``tirx.is_scheduled`` and ``winoq.tuned`` set, the
     ``winoq.kernel`` attribute kept); the others are returned unchanged.  When the log's metadata has
     the measured time of the hand schedule of a workload (``baselines``, written by ``winoq tune``) and
-    the best tuned record is not faster, the PrimFunc is left to the hand schedule; their names are
+    the best tuned schedule is not faster (``verified``: both re-timed alternately at the end of the
+    tuning; else the best record's time), the PrimFunc is left to the hand schedule; their names are
     in :attr:`TuneLog.kept_hand`.
 
     Parameters
@@ -451,7 +436,8 @@ def apply_database(mod: Any, target: Any, database: Any) -> Any:
     from tvm import relax, tirx
 
     db = database.database if isinstance(database, TuneLog) else database
-    baselines = (database.meta or {}).get("baselines", {}) if isinstance(database, TuneLog) else {}
+    meta = (database.meta or {}) if isinstance(database, TuneLog) else {}
+    baselines, verified = meta.get("baselines", {}), meta.get("verified", {})
     before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
     with target, db, tvm.transform.PassContext(opt_level=3):
         out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
@@ -462,8 +448,9 @@ def apply_database(mod: Any, target: Any, database: Any) -> Any:
             continue
         if func.attrs is None or _SCHEDULED_ATTR not in func.attrs:
             continue
-        hand = baselines.get(_workload_of(db, old) or "") if baselines else None
-        best = _best_ms(db, old) if hand is not None else None
+        workload = _workload_of(db, old) if baselines else None
+        hand = baselines.get(workload or "")
+        best = verified.get(workload or "") or (_best_ms(db, old) if hand is not None else None)
         if hand is not None and best is not None and best >= hand:
             out[gv] = old  # the hand schedule measured faster: the family schedules it later
             kept.append(gv.name_hint)
@@ -505,10 +492,3 @@ def _best_ms(db: Any, func: Any) -> float | None:
         return None
     secs = [float(s) for s in top[0].run_secs]
     return 1e3 * sum(secs) / len(secs) if min(secs) < FAILED_RUN_SECS else None
-
-
-def write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    """Write ``tune_meta.json`` atomically (a temporary file renamed over the old one)."""
-    tmp = folder / f".{META_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(folder / META_FILE)

@@ -22,6 +22,7 @@ __all__ = [
     "make_context",
     "make_runner",
     "measure_hand_schedules",
+    "verify_against_hand",
     "ms_build",
     "ms_create_session",
     "ms_export",
@@ -316,14 +317,59 @@ def make_runner(preset: Any, rpc: str | None, tracker: str | None, key: str, tim
 
 
 
+def _hand_module(task: Task, target: Any, family: Any) -> Any:
+    """The task's PrimFunc with the hand schedule of its family (``schedules/<family>.py``)."""
+    import tvm
+
+    mod = tvm.IRModule({"main": task.mod["main"]})
+    if task.kind == "op":
+        return family.schedule_other_ops(mod, target)
+    return family.schedule_winoq_kernels(mod, target)
+
+
+def _tuned_module(task: Task, database: Any) -> Any:
+    """The task's PrimFunc with the best schedule of ``database`` (``None`` without a valid record)."""
+    import tvm
+
+    top = database.get_top_k(database.commit_workload(task.mod), 1)
+    if not top:
+        return None
+    sch = tvm.s_tir.Schedule(task.mod)
+    top[0].trace.apply_to_schedule(sch, remove_postproc=False)
+    return tvm.IRModule({"main": sch.mod["main"].with_attr("tirx.is_scheduled", True)})
+
+
+def _median_times(
+    mods: Sequence[Any], target: Any, builder: Any, runner: Any, repeat: int
+) -> list[float | None]:
+    """Build ``mods`` and time each ``repeat`` times, interleaved (``m0 m1 .. m0 m1 ..``); median ms each."""
+    from tvm.s_tir import meta_schedule as ms
+
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
+    ok = [i for i, r in enumerate(built) if r.error_msg is None and r.artifact_path]
+    inputs = {
+        i: ms.runner.RunnerInput(
+            built[i].artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
+        )
+        for i in ok
+    }
+    order = [i for _ in range(repeat) for i in ok]
+    futures = runner.run([inputs[i] for i in order])
+    times: dict[int, list[float]] = {i: [] for i in ok}
+    for i, fut in zip(order, futures, strict=True):
+        res = fut.result()
+        if res.error_msg is None and res.run_secs:
+            times[i].append(1e3 * sum(float(s) for s in res.run_secs) / len(res.run_secs))
+    for i in ok:
+        shutil.rmtree(os.path.dirname(built[i].artifact_path), ignore_errors=True)
+    return [float(sorted(times[i])[len(times[i]) // 2]) if times.get(i) else None for i in range(len(mods))]
+
+
 def measure_hand_schedules(
     tasks: Sequence[Task], target: Any, builder: Any, runner: Any, repeat: int = 3
 ) -> dict[str, float | None]:
-    """Time the hand schedule (``schedules/<family>.py``) of every task with the tuning builder and runner.
-
-    This is the baseline a tuned schedule must beat to be applied (see
-    :func:`tvm_winoq.tune_log.apply_database`).  Each is measured ``repeat`` times and the fastest kept,
-    like the best of the tuning trials.
+    """Time the hand schedule of every task with the tuning builder and runner (median of ``repeat``).
 
     Returns
     -------
@@ -331,38 +377,39 @@ def measure_hand_schedules(
         Workload hash -> milliseconds, ``None`` where the hand schedule failed to build or run (or the
         target has no schedule family).
     """
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
     from .relax.schedules import schedules_for
 
     family = schedules_for(target)
-    out: dict[str, float | None] = {t.workload: None for t in tasks}
     if family is None or not tasks:
+        return {t.workload: None for t in tasks}
+    times = _median_times([_hand_module(t, target, family) for t in tasks], target, builder, runner, repeat)
+    return {t.workload: ms for t, ms in zip(tasks, times, strict=True)}
+
+
+def verify_against_hand(
+    tasks: Sequence[Task], database: Any, target: Any, builder: Any, runner: Any, repeat: int = 5
+) -> dict[str, tuple[float | None, float | None]]:
+    """Time the best tuned schedule of every task against its hand schedule, interleaved.
+
+    The best record's own time is the minimum over noisy trials measured at different moments; this
+    measures both schedules again, alternately, under the same conditions (median of ``repeat``), which
+    is what decides whether ``winoq compile`` applies the tuned one.
+
+    Returns
+    -------
+    dict
+        Workload hash -> ``(hand_ms, tuned_ms)`` (``None`` where one could not be built or run).
+    """
+    from .relax.schedules import schedules_for
+
+    family = schedules_for(target)
+    out: dict[str, tuple[float | None, float | None]] = {}
+    pairs = [(t, _tuned_module(t, database)) for t in tasks]
+    pairs = [(t, m) for t, m in pairs if m is not None]
+    if family is None or not pairs:
         return out
-    mods = []
-    for task in tasks:
-        mod = tvm.IRModule({"main": task.mod["main"]})
-        mods.append(
-            family.schedule_other_ops(mod, target)
-            if task.kind == "op"
-            else family.schedule_winoq_kernels(mod, target)
-        )
-    device = "cpu" if target.kind.name == "llvm" else target.kind.name
-    built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
-    pending = []
-    for task, mod, res in zip(tasks, mods, built, strict=True):
-        if res.error_msg is None and res.artifact_path:
-            info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-            inp = ms.runner.RunnerInput(res.artifact_path, device, info)
-            pending.append((task, res.artifact_path, inp))
-    futures = runner.run([inp for _, _, inp in pending for _ in range(repeat)])
-    for i, (task, path, _) in enumerate(pending):
-        times = []
-        for fut in futures[i * repeat : (i + 1) * repeat]:
-            res = fut.result()
-            if res.error_msg is None and res.run_secs:
-                times.append(1e3 * sum(float(s) for s in res.run_secs) / len(res.run_secs))
-        out[task.workload] = min(times) if times else None
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    mods = [m for t, tuned in pairs for m in (_hand_module(t, target, family), tuned)]
+    times = _median_times(mods, target, builder, runner, repeat)
+    for k, (task, _) in enumerate(pairs):
+        out[task.workload] = (times[2 * k], times[2 * k + 1])
     return out
