@@ -132,17 +132,25 @@ def disassemble(lib: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _code_refs(code: list[tuple[int, str]], lo: int, hi: int) -> set[int]:
-    """Code addresses in ``[lo, hi)`` that ``code`` takes (``adrp``+``add`` pairs: the parallel bodies
-    handed to ``TVMBackendParallelLaunch``) or calls (``bl``)."""
-    page: dict[str, int] = {}
-    refs = set()
+def _code_refs(code: list[tuple[int, str]], lo: int, hi: int,
+               funcs: frozenset[int] = frozenset()) -> set[int]:
+    """Code addresses in ``[lo, hi)`` that ``code`` takes (an ``adrp`` directly followed by an ``add`` to
+    the same register: the parallel bodies handed to ``TVMBackendParallelLaunch``), calls (``bl``) or
+    tail-calls (``b`` to one of ``funcs``: the exported wrapper ends in ``b <name>_compute_``).
+
+    Only adjacent ``adrp``/``add`` pairs count: a register's page is stale once anything else ran (a
+    stale page would cut a parallel body in two at some constant's address)."""
+    refs, page = set(), None  # page: (register, address) of the instruction just before
     for _, ins in code:
+        prev, page = page, None
         if m := re.match(r"adrp\s+(x\d+),\s*([0-9a-f]+)", ins):
-            page[m.group(1)] = int(m.group(2), 16)
-        elif (m := re.match(r"add\s+x\d+,\s*(x\d+),\s*#0x([0-9a-f]+)", ins)) and m.group(1) in page:
-            refs.add(page[m.group(1)] + int(m.group(2), 16))
+            page = (m.group(1), int(m.group(2), 16))
+        elif (m := re.match(r"add\s+(x\d+),\s*(x\d+),\s*#0x([0-9a-f]+)", ins)) and prev is not None \
+                and prev[0] == m.group(2) == m.group(1):
+            refs.add(prev[1] + int(m.group(3), 16))
         elif m := re.match(r"bl\s+([0-9a-f]+)", ins):
+            refs.add(int(m.group(1), 16))
+        elif (m := re.match(r"b\s+([0-9a-f]+)", ins)) and int(m.group(1), 16) in funcs:
             refs.add(int(m.group(1), 16))
     return {a for a in refs if lo <= a < hi}
 
@@ -151,16 +159,18 @@ def function_code(lib: Path, symbol: str) -> tuple[list[str], list[str]]:
     """Instructions of the exported ``symbol`` and of the internal functions it launches or calls (its
     parallel bodies have no symbols: LLVM gives them private linkage), and all other instructions.
 
-    Function boundaries: every function symbol plus every code address some function takes.
+    Function boundaries: a symbol's size where it has one, else the next function symbol or code address
+    some function takes.
     """
     sec = next(ln.split() for ln in _tool("readelf", "-SW", str(lib)).splitlines() if " .text " in ln)
     lo = int(sec[sec.index(".text") + 2], 16)
     hi = lo + int(sec[sec.index(".text") + 4], 16)
-    syms = {}
+    syms, sizes = {}, {}
     for line in _tool("readelf", "-sW", str(lib)).splitlines():
         f = line.split()
         if len(f) >= 8 and f[3] == "FUNC" and f[6] != "UND" and lo <= int(f[1], 16) < hi:
             syms[f[7]] = int(f[1], 16)
+            sizes[syms[f[7]]] = int(f[2], 0)
     code = disassemble(lib)
     entries = set(syms.values())
     while True:  # the internal functions reachable from any function
@@ -172,12 +182,13 @@ def function_code(lib: Path, symbol: str) -> tuple[list[str], list[str]]:
         entries |= found
     bounds = sorted(entries) + [hi]
     ranges = dict(zip(bounds, bounds[1:], strict=False))
+    ranges |= {a: a + n for a, n in sizes.items() if n > 0}  # a symbol's own size, where it has one
     todo, mine = [syms[symbol]], set()
     while todo:
         a = todo.pop()
         if a not in mine:
             mine.add(a)
-            todo += _code_refs([c for c in code if a <= c[0] < ranges[a]], lo, hi)
+            todo += _code_refs([c for c in code if a <= c[0] < ranges[a]], lo, hi, frozenset(syms.values()))
     inside, outside = [], []
     for addr, ins in code:
         (inside if any(a <= addr < ranges[a] for a in mine) else outside).append(ins)

@@ -167,7 +167,11 @@ def _sext8(word: tirx.PrimExpr, i: int) -> tirx.PrimExpr:
 
 def serialize(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """The CUDA-scheduled ``func`` as a sequential CPU program: thread-bound loops become serial loops
-    and the CUDA intrinsics plain TIR (``__dp4a`` byte products, ``a / b``, ``fma``)."""
+    and the CUDA intrinsics plain TIR (``__dp4a`` byte products, ``a / b``, ``fma``).
+
+    ``tirx.noalias`` is dropped: LLVM miscompiles the serialized debug GEMM with it (the emulated
+    ``__dp4a`` reinterprets int8x4 loads; half of the accumulators come out wrong, bit exact without
+    it). The CUDA kernels keep the attribute; nvcc never sees this CPU program."""
     extern = tvm.ir.Op.get("tirx.call_pure_extern")
 
     def _for(f: tirx.For) -> tirx.For:
@@ -191,7 +195,8 @@ def serialize(func: tirx.PrimFunc) -> tirx.PrimFunc:
             return out
         return e
 
-    return tvm_ffi.structural_map(func, [(tirx.For, _for), (tvm.ir.Call, _call)])
+    serial = tvm_ffi.structural_map(func, [(tirx.For, _for), (tvm.ir.Call, _call)])
+    return serial.without_attr("tirx.noalias")
 
 
 SERIAL_CASES = [  # tile, C, K, H = W, pad, batch, group

@@ -69,13 +69,21 @@ def test_model_forward(name: str) -> None:
 
 def test_get_model_is_seeded_and_leaves_global_rng() -> None:
     state = torch.random.get_rng_state()
-    m1, x1 = get_model("fmnist_resnet", seed=3)
-    m2, x2 = get_model("fmnist_resnet", seed=3)
-    m3, x3 = get_model("fmnist_resnet", seed=4)
+    m1, x1 = get_model("resnet18", seed=3)
+    m2, x2 = get_model("resnet18", seed=3)
+    m3, x3 = get_model("resnet18", seed=4)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     w1, w2, w3 = (m.state_dict()["layer1.0.conv1.weight"] for m in (m1, m2, m3))
     assert torch.equal(w1, w2) and not torch.equal(w1, w3)
+
+
+def test_trained_model_weights_do_not_depend_on_the_seed() -> None:
+    """fmnist_resnet ships a trained checkpoint: the seed changes only the example input."""
+    (m1, x1), (m2, x2) = get_model("fmnist_resnet", seed=3), get_model("fmnist_resnet", seed=4)
+    assert not torch.equal(x1, x2)
+    for key, value in m1.state_dict().items():
+        assert torch.equal(value, m2.state_dict()[key]), key
 
 
 def test_unknown_model_lists_names() -> None:

@@ -224,6 +224,8 @@ def _rows(tasks: list[Task], final: TuneLog) -> list[dict[str, Any]]:
                 best = 1e3 * float(sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs))
         hand, tuned = baselines.get(task.workload), verified.get(task.workload, best)
         status = "tuned" if task.skipped in ("", "done") else f"skipped: {task.skipped}"
+        if status == "tuned" and best is None and final.records.get(task.workload, 0) > 0:
+            status = "every trial failed (see logs/)"
         if status == "tuned" and tuned is not None and hand is not None and tuned >= hand:
             status = "tuned, hand schedule faster (kept)"
         rows.append(
@@ -325,8 +327,8 @@ def tune_job(
     device = _check_device(preset, rpc, tracker, key, timeout)
     if importlib.util.find_spec("psutil") is None:
         log(
-            "  warning: psutil is not installed; TVM's worker pools need it to kill a build or run that "
-            "exceeds --timeout (pip install psutil)"
+            "  warning: psutil is not installed; TVM's MetaSchedule runner fails every trial without it "
+            "(pip install psutil)"
         )
     emulation = {"emulated": False, "reason": "this host"}
     if rpc is not None or tracker is not None:
