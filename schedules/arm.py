@@ -49,7 +49,6 @@ __all__ = ["SDOT16_INTRIN", "SDOT_INTRIN", "SMMLA_INTRIN", "gemm_features", "sch
            "schedule_other_ops", "schedule_winoq_kernels"]
 
 _cpu: ModuleType = load_family("cpu")
-_SCHEDULED = "tirx.is_scheduled"
 
 SDOT_INTRIN = "winoq_arm_sdot_4x4_i8i8i32"
 SDOT16_INTRIN = "winoq_arm_sdot_4x16_i8i8i32"
@@ -184,14 +183,6 @@ def gemm_features(target: tvm.target.Target) -> tuple[bool, bool]:
     return dot or mm, mm
 
 
-def _gemm_shape(sch: Schedule) -> dict[str, int]:
-    """Static sizes of a ``gemm`` kernel: ``p, t, k, ng`` (groups), ``gg`` (group size), ``c``, ``cp``."""
-    blk = sch.get(sch.get_sblock("gemm_acc"))
-    p, t, k, ng, gg = (int(iv.dom.extent) for iv in blk.iter_vars)
-    vq = next(r.source for r in blk.reads if r.source.name == "vq")
-    return {"p": p, "t": t, "k": k, "ng": ng, "gg": gg, "c": int(vq.shape[2]), "cp": ng * gg}
-
-
 def _extent(sch: Schedule, loop: object) -> int:
     return int(sch.get(loop).extent)
 
@@ -242,9 +233,8 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int | N
     accumulators either way, the fastest choices under ``llvm-mca``).
     """
     dot, mm = gemm_features(target)
-    sch = Schedule(func)
-    s = _gemm_shape(sch)
-    if not dot or s["cp"] != s["c"] or s["k"] % 4 or s["gg"] % 4:
+    s = _cpu.gemm_shape(func)
+    if not dot or s["cp"] != s["c"] or s["k"] % 4 or s["gg"] % 4 or s["vbits"] != 8:
         return _cpu.schedule_gemm(func)
     tt = _tile_t(s["t"], mm)
     smmla = mm and tt % 2 == 0 and s["gg"] % 8 == 0
@@ -252,70 +242,15 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int | N
         tt = _tile_t(s["t"], False)
     lanes = lanes or (16 if smmla else 8)
     kk = s["k"] if s["k"] <= lanes else _cpu._divisor(s["k"], (lanes, 8, 4))
-    cw = 8 if smmla else 4
-    debug = len(func.params) == 6
-
-    acc = sch.get_sblock("gemm_acc")
-    dq = sch.get_sblock("gemm_dequant")
-    # U repacked once per call: [P, Cp, K] -> [P, Cp/cw, K, cw] (cw input channels of one output
-    # channel contiguous: the 16-byte operand of sdot/smmla)
-    pack = sch.cache_read(acc, "uq", "global")
-    sch.transform_layout(pack, ("write", 0), lambda p, c, k: (p, c // cw, k, c % cw))
-    pp, pc, pk = sch.get_loops(pack)
-    pcb, pci = sch.split(pc, [None, cw])
-    sch.reorder(pp, pcb, pk, pci)
-    sch.parallel(pp)
-    sch.unroll(pci)
-    # the int32 accumulators: compact, k innermost (smmla: 2x2 (tile, channel) blocks)
-    copy = sch.cache_write(acc, "acc", "global") if debug else None  # debug: acc is an output
-    if smmla:
-        sch.transform_layout(acc, ("write", 0),
-                             lambda p, t, k, g: (p, g, t // 2, k // 2, t % 2, k % 2))
-    else:
-        sch.transform_layout(acc, ("write", 0), lambda p, t, k, g: (p, g, t, k))
-
-    p, t, k, g = sch.get_loops(dq)
-    to, ti = sch.split(t, [None, tt])
-    ko, ki = sch.split(k, [None, kk])
-    sch.reorder(p, to, ko, g, ti, ki)
-    sch.parallel(sch.fuse(p, to))
-    if not debug:
-        sch.compute_at(acc, g, preserve_unit_loops=True)
-        au, ati, aki, ag, arc = sch.get_loops(acc)[-5:]  # loops of (p, t, k, g, rc); p and g unit
-        loops = [au, ag, ati, aki, arc]
-    else:
-        ap, at_, ak, ag, arc = sch.get_loops(acc)
-        ato, ati = sch.split(at_, [None, tt])
-        ako, aki = sch.split(ak, [None, kk])
-        sch.reorder(ap, ato, ako, ag, ati, aki, arc)
-        loops = [ati, aki, arc]
-        sch.parallel(sch.fuse(ap, ato))
-        sch.reverse_compute_at(copy, ag, preserve_unit_loops=True)
-        cl = sch.get_loops(copy)
-        sch.unroll(cl[-2])
-        sch.vectorize(cl[-1])
-    _microkernel(sch, acc, loops, smmla)
-    sch.vectorize(ki)
-    sch.unroll(ti)
-    sch.decompose_reduction(dq, g)
-    sch.vectorize(sch.get_loops(sch.get_sblock("gemm_dequant_init"))[-1])
-    return sch.mod["main"].with_attr(_SCHEDULED, True)
+    layout = (lambda p, t, k, g: (p, g, t // 2, k // 2, t % 2, k % 2)) if smmla else None
+    return _cpu.schedule_packed_gemm(func, 8 if smmla else 4, tt, kk,
+                                     lambda sch, acc, loops: _microkernel(sch, acc, loops, smmla), layout)
 
 
 # ------------------------------------------------------------------------------------- entry points
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Schedule every ``winoq.kernel`` PrimFunc of ``mod``: ``cpu`` schedules, the GEMM tensorized."""
-    others = {"input": _cpu.schedule_input, "output": _cpu.schedule_output, "direct": _cpu.schedule_direct}
-
-    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleWinoqKernelsArm")
-    def _pass(func: tirx.PrimFunc, m: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
-        attrs = func.attrs
-        if attrs is None or "winoq.kernel" not in attrs or _SCHEDULED in attrs:
-            return func
-        kind = str(attrs["winoq.kernel"])
-        return schedule_gemm(func, target) if kind == "gemm" else others[kind](func)
-
-    return _pass(mod)
+    return _cpu.schedule_kernels_with_gemm(mod, lambda func: schedule_gemm(func, target))
 
 
 def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

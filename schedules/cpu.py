@@ -18,11 +18,15 @@ kernels produce the same bits as the naive ones (checked by ``tests/test_kernels
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-__all__ = ["schedule_direct", "schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
+__all__ = ["gemm_shape", "schedule_direct", "schedule_gemm", "schedule_input", "schedule_other_ops",
+           "schedule_output", "schedule_kernels_with_gemm", "schedule_packed_gemm",
            "schedule_winoq_kernels"]
 
 _SCHEDULED = "tirx.is_scheduled"
@@ -147,6 +151,71 @@ def schedule_gemm(func: tirx.PrimFunc, tile_t: int = 4, lanes: int = 16) -> tirx
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
+def gemm_shape(func: tirx.PrimFunc) -> dict[str, int]:
+    """Static sizes of a ``gemm`` kernel: ``p, t, k, ng`` (groups), ``gg`` (group size), ``c``, ``cp``,
+    and ``vbits`` (bits of ``v_q``'s integer type)."""
+    sch = Schedule(func)
+    blk = sch.get(sch.get_sblock("gemm_acc"))
+    p, t, k, ng, gg = (int(iv.dom.extent) for iv in blk.iter_vars)
+    vq = next(r.source for r in blk.reads if r.source.name == "vq")
+    return {"p": p, "t": t, "k": k, "ng": ng, "gg": gg, "c": int(vq.shape[2]), "cp": ng * gg,
+            "vbits": int(tvm.DataType(vq.dtype).bits)}
+
+
+def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
+                         micro: Callable[[Schedule, Any, list], None],
+                         acc_layout: Callable[..., tuple] | None = None) -> tirx.PrimFunc:
+    """The ``gemm`` kernel with a tensorized integer reduction (the ``arm`` and ``x86`` families).
+
+    ``u_q`` ``[P, Cp, K]`` is repacked once per call into ``[P, Cp/cw, K, cw]`` (``cw`` input channels
+    of one output channel contiguous: one micro-kernel operand), parallel over positions.  The int32
+    accumulators become a compact ``[tt, kk]`` block per (position, tile block, channel block, group),
+    ``k`` innermost (``acc_layout`` maps ``(p, t, k, g)`` otherwise; in the debug kernel, where ``acc`` is
+    an output, a ``cache_write`` with the copy-out per group).  ``micro(sch, acc, loops)`` tensorizes the
+    reduction of one group; ``loops`` = (unit loops..., tiles, channels, reduction).  The fma
+    dequantization over groups is scheduled as in :func:`schedule_gemm` (``g`` serial, in order).
+    """
+    sch = Schedule(func)
+    debug = len(func.params) == 6
+    acc = sch.get_sblock("gemm_acc")
+    dq = sch.get_sblock("gemm_dequant")
+    pack = sch.cache_read(acc, "uq", "global")
+    sch.transform_layout(pack, ("write", 0), lambda p, c, k: (p, c // cw, k, c % cw))
+    pp, pc, pk = sch.get_loops(pack)
+    pcb, pci = sch.split(pc, [None, cw])
+    sch.reorder(pp, pcb, pk, pci)
+    sch.parallel(pp)
+    sch.unroll(pci)
+    copy = sch.cache_write(acc, "acc", "global") if debug else None
+    sch.transform_layout(acc, ("write", 0), acc_layout or (lambda p, t, k, g: (p, g, t, k)))
+    p, t, k, g = sch.get_loops(dq)
+    to, ti = sch.split(t, [None, tt])
+    ko, ki = sch.split(k, [None, kk])
+    sch.reorder(p, to, ko, g, ti, ki)
+    sch.parallel(sch.fuse(p, to))
+    if not debug:
+        sch.compute_at(acc, g, preserve_unit_loops=True)
+        au, ati, aki, ag, arc = sch.get_loops(acc)[-5:]  # loops of (p, t, k, g, rc); p and g unit
+        loops = [au, ag, ati, aki, arc]
+    else:
+        ap, at_, ak, ag, arc = sch.get_loops(acc)
+        ato, ati = sch.split(at_, [None, tt])
+        ako, aki = sch.split(ak, [None, kk])
+        sch.reorder(ap, ato, ako, ag, ati, aki, arc)
+        loops = [ati, aki, arc]
+        sch.parallel(sch.fuse(ap, ato))
+        sch.reverse_compute_at(copy, ag, preserve_unit_loops=True)
+        cl = sch.get_loops(copy)
+        sch.unroll(cl[-2])
+        sch.vectorize(cl[-1])
+    micro(sch, acc, loops)
+    sch.vectorize(ki)
+    sch.unroll(ti)
+    sch.decompose_reduction(dq, g)
+    sch.vectorize(sch.get_loops(sch.get_sblock("gemm_dequant_init"))[-1])
+    return sch.mod["main"].with_attr(_SCHEDULED, True)
+
+
 def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Schedule the ``output`` kernel (see the module docstring)."""
     sch = Schedule(func)
@@ -220,13 +289,21 @@ _SCHEDULES = {"input": schedule_input, "gemm": schedule_gemm, "output": schedule
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Apply the CPU schedules to every PrimFunc of ``mod`` carrying a ``winoq.kernel`` attribute."""
     del target
+    return schedule_kernels_with_gemm(mod, schedule_gemm)
+
+
+def schedule_kernels_with_gemm(mod: tvm.IRModule,
+                               gemm: Callable[[tirx.PrimFunc], tirx.PrimFunc]) -> tvm.IRModule:
+    """The CPU schedules of every ``winoq.kernel`` PrimFunc, ``gemm`` for the GEMM kernels (the families
+    that tensorize the GEMM reuse the rest)."""
+    table = _SCHEDULES | {"gemm": gemm}
 
     @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleWinoqKernels")
     def _pass(func: tirx.PrimFunc, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
         attrs = func.attrs
         if attrs is None or "winoq.kernel" not in attrs or _SCHEDULED in attrs:
             return func
-        return _SCHEDULES[str(attrs["winoq.kernel"])](func)
+        return table[str(attrs["winoq.kernel"])](func)
 
     return _pass(mod)
 

@@ -18,7 +18,7 @@ from tvm_winoq.relax.importer import import_model
 
 pytestmark = pytest.mark.tvm
 
-TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+TARGET = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}
 
 
 def _run_fresh_process(so, x, tmp_path):

@@ -44,7 +44,7 @@ NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 C = K = 64
 HW = 14
-CPU = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+CPU = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -11,7 +11,7 @@ from tvm_winoq.relax.kernels import KernelSpec
 
 pytestmark = pytest.mark.tvm
 
-TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+TARGET = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}
 INTEGER = ("v_q", "acc", "m_q")
 SCALES = ("s_x", "s_v", "s_m")
 

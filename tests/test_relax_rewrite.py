@@ -17,7 +17,7 @@ from tvm_winoq.relax.rewrite import WinogradRewrite, direct_kernel_func, kernel_
 
 pytestmark = pytest.mark.tvm
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
 _g = np.random.default_rng(0)
 W = (_g.standard_normal((16, 8, 3, 3)) * 0.1).astype("float32")
 B = (_g.standard_normal((1, 16, 1, 1)) * 0.1).astype("float32")

@@ -43,7 +43,7 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
     """The LLVM target of this machine (``mcpu`` from LLVM's host detection, all cores by default).
 
     Note: LLVM detects this development host as ``znver5`` (AVX-512); pass an explicit target such as
-    ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}`` to build for an AVX2-only Zen 3.
+    ``{"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}`` to build for any AVX2 + FMA CPU.
     """
     import os
 

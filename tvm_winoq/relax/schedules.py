@@ -8,12 +8,15 @@ provides ``schedule_winoq_kernels(mod, target)`` (our Winograd kernels) and
 * ``cpu``  -- any LLVM CPU target (x86 AVX2/AVX-512, Arm NEON): parallel, vectorized, register blocked;
 * ``arm``  -- aarch64 with ``dotprod``/``i8mm``: the ``cpu`` family with the GEMM tensorized to sdot/smmla
   (when that module exists);
+* ``x86``  -- x86-64 (``mtriple`` x86_64...): the ``cpu`` family with the GEMM tensorized to
+  ``vpmaddwd`` (AVX2) / ``vpdpwssd`` (AVX-512 VNNI) (when that module exists);
 * ``cuda`` -- CUDA targets (when that module exists).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import platform
 import sys
 from functools import cache
 from types import ModuleType
@@ -51,10 +54,12 @@ def family_for(target: tvm.target.Target) -> str | None:
     if kind != "llvm":
         return None
     attrs = [str(a) for a in target.attrs.get("mattr", [])]
-    triple = str(target.attrs.get("mtriple", ""))
+    triple = str(target.attrs.get("mtriple", "")) or f"{platform.machine()}-"  # none: the host's
     if triple.startswith("aarch64") and any(a in ("+dotprod", "+i8mm") for a in attrs):
         if (schedules_dir() / "arm.py").is_file():
             return "arm"
+    if triple.startswith("x86_64") and (schedules_dir() / "x86.py").is_file():
+        return "x86"
     return "cpu"
 
 
