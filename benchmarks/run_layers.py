@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=15.0, help="seconds of timed rounds per shape x threads")
     ap.add_argument("--gap", type=float, default=2e-3, help="sleep before each sample, seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="host", help="target preset of our rows (default: host = host-avx2)")
     ap.add_argument("--spin", action="store_true", help="keep the runtimes' default spin-waiting threads")
     ap.add_argument("--time-invalid", action="store_true", help="also time rows that fail the SQNR check")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any row is invalid or errored")
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None, help="write the Markdown report here")
     args = ap.parse_args(argv)
     peers.set_wait_policy(passive=not args.spin)
+    peers.set_preset(args.preset)
     impls = [n for n in (args.impls or peers.registered_impls()) if n not in set(args.exclude)]
     result = peers.run_benchmark(args.shapes, args.threads, impls, repeat=args.repeat, budget_s=args.budget,
                                  seed=args.seed, gap_s=args.gap, time_invalid=args.time_invalid)
