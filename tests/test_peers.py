@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` liv
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.run_layers import main as run_layers_main  # noqa: E402
+from tvm_winoq.errors import TargetError  # noqa: E402
 
 SMALL = peers.parse_shape("32@14")
 PEERS = ["torch-fp32", "torch-int8", "ort-int8", "ncnn-int8-wino43", "ncnn-int8-wino23", "ncnn-int8-direct"]
@@ -198,3 +199,20 @@ def test_ours_builds_and_runs_or_is_skipped(layer):
         pytest.skip(str(e))
     y = call()
     assert y.shape == ref.shape and np.isfinite(y).all()
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_end_to_end_models_benchmark(tmp_path):
+    """benchmarks.run_models on the trained Fashion-MNIST net: every implementation checked and timed."""
+    from benchmarks import run_models
+
+    peers.set_preset("host")
+    result = run_models.run(["fmnist_resnet"], [1], 4, repeat=3, budget_s=1.0, steps=10, calib=2)
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"torch-fp32", "ort-int8", "ours-f4"}
+    assert rows["ort-int8"]["sqnr_db"] > 25 and rows["ours-f4"]["sqnr_db"] > 15
+    assert all(r["median_ms"] > 0 and r["top1_agree"] is not None for r in rows.values())
+    assert "| fmnist_resnet | 1 | ours-f4 |" in run_models.to_markdown(result)
+    with pytest.raises(TargetError, match="unknown target preset"):
+        peers.set_preset("no-such-board")
