@@ -87,3 +87,16 @@ def test_report_without_study_is_an_error(tmp_path, capsys):
     assert main(["report", "craft", "-o", str(tmp_path)]) == 2
     assert "not a study JSON" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.weights
+def test_eval_model_with_nothing_to_rewrite(tmp_path, monkeypatch, capsys):
+    """MobileNetV2 (its only dense 3x3 has stride 2): FP32 and the compiled module agree on real images."""
+    monkeypatch.setenv("WINOQ_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mobilenet_v2"
+    assert main(["eval", "mobilenet_v2", "--images", "2", "--compiled", "-o", str(out)]) == 0
+    assert "no eligible 3x3 stride-1 convolution" in capsys.readouterr().out
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["FP32", "compiled (TVM host): nothing rewritten"]
+    assert rows[1]["top1_agreement"] == 100.0

@@ -187,7 +187,11 @@ def eval_model(
     ref_pred = top1(folded, data["x"])["pred"] if kind == "agreement" else None
     rows = [{"method": "FP32", **task_metric(kind, data, folded, folded, ref_pred)}]
     resolved: dict[str, Resolved] = {}
-    for meth in methods if methods is not None else study_methods(s.tiles, s.groups, s.budgets_db):
+    if methods is None:
+        methods = study_methods(s.tiles, s.groups, s.budgets_db) if layers else []
+    if not layers:  # e.g. MobileNetV2 (its only dense 3x3 has stride 2): FP32 and the compiled module
+        log(f"  {model_name}: no eligible 3x3 stride-1 convolution; only FP32 and the compiled module")
+    for meth in methods:
         t0 = time.time()
         r = resolve(meth, layers, s.finetune, model_name)
         resolved[meth.name] = r
@@ -210,12 +214,17 @@ def eval_model(
         row["seconds"] = time.time() - t0
         log(f"  {meth.name}: layer-mean {row['layer_mean_db']:.2f} dB ({row['seconds']:.0f} s)")
         rows.append(row)
-    auto = [m for m in (methods or study_methods(s.tiles, s.groups, s.budgets_db)) if m.kind == "auto"]
-    if s.compiled and auto and layers:
+    auto = [m for m in methods if m.kind == "auto"]
+    if s.compiled and (auto or not layers):
+        from .config import default_config
         from .study_compiled import compiled_row
 
-        r = resolved[auto[0].name]
-        rows.append(compiled_row(auto[0].name, folded, example, r.cfg, r.scales, data, ref_pred, log))
+        if layers:
+            r = resolved[auto[0].name]
+            rows.append(compiled_row(auto[0].name, folded, example, r.cfg, r.scales, data, ref_pred, log))
+        else:
+            rows.append(compiled_row("nothing rewritten", folded, example, default_config(), None, data,
+                                     ref_pred, log))
     res = {
         "model": model_name,
         "task": kind,
