@@ -111,6 +111,13 @@ def summary_lines(res: dict) -> list[str]:
     """What the numbers say for one model: learned vs standard F(6,3), the default vs int8 direct."""
     metric = res["primary_metric"]
     out = []
+    if not res.get("eligible_layers"):
+        out.append("- No eligible 3x3 stride-1 convolution: nothing is rewritten, so there is nothing to "
+                   "compare between methods.")
+        for row in res["rows"]:
+            if row["method"].startswith("compiled") and metric in row:
+                out.append(f"- Compiled TVM module: {metric} {row[metric]:.2f} (vs FP32 PyTorch).")
+        return out
     for tile in (6, 4):
         std = _row(res, f"F({tile},3) group32, standard")
         lrn = _row(res, f"F({tile},3) group32, learned shared")
