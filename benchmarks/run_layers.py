@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None, help="write the Markdown report here")
     args = ap.parse_args(argv)
     peers.set_wait_policy(passive=not args.spin)
-    peers.set_preset(args.preset)
+    from tvm_winoq.errors import TargetError
+
+    try:
+        peers.set_preset(args.preset)
+    except TargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     impls = [n for n in (args.impls or peers.registered_impls()) if n not in set(args.exclude)]
     result = peers.run_benchmark(args.shapes, args.threads, impls, repeat=args.repeat, budget_s=args.budget,
                                  seed=args.seed, gap_s=args.gap, time_invalid=args.time_invalid)

@@ -175,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
     peers.set_wait_policy(passive=True)
-    peers.set_preset(args.preset)
+    from tvm_winoq.errors import TargetError
+
+    try:
+        peers.set_preset(args.preset)
+    except TargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run(args.models, args.threads, args.tile, args.repeat, args.budget, args.steps, args.calib)
     from tvm_winoq.io import write_file_atomic
 

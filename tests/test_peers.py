@@ -216,3 +216,9 @@ def test_end_to_end_models_benchmark(tmp_path):
     assert "| fmnist_resnet | 1 | ours-f4 |" in run_models.to_markdown(result)
     with pytest.raises(TargetError, match="unknown target preset"):
         peers.set_preset("no-such-board")
+
+
+def test_cli_unknown_preset_is_one_line_error(capsys):
+    assert run_layers_main(["--preset", "no-such-board", "--shapes", "8@6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "unknown target preset 'no-such-board'" in err[0]
