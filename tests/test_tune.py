@@ -288,10 +288,13 @@ def test_compile_applies_the_database(env: Path, tuned: dict, tmp_path: Path) ->
     assert meta["tune_log"] == str(tuned["dir"])
     report = (tmp_path / "tuned" / "report.txt").read_text()
     assert "PrimFuncs use tuned schedules from" in report and all(n in report for n in meta["tuned"])
-    # every task is either tuned or kept its (measured faster) hand schedule
-    kept = [r["name"] for r in tuned["result"]["tasks"] if "kept" in r["status"]]
+    # every task is either tuned or kept its (measured faster) hand schedule, exactly once; which one is
+    # decided by the log's current timings (later tests re-tune and re-time the same folder, and a 5 us
+    # relu can flip), so the kept list comes from this compile's report
+    line = next((ln for ln in report.splitlines() if "kept the hand schedule" in ln), "")
+    kept = [n.strip() for n in line.partition(": ")[2].split(",") if n.strip()]
+    assert not line or line.startswith(f"{len(kept)} kept the hand schedule")
     assert sorted(meta["tuned"] + kept) == sorted(r["name"] for r in tuned["result"]["tasks"])
-    assert not kept or f"{len(kept)} kept the hand schedule" in report
     hand = compile_job(_opts(env), tmp_path / "hand", log=lines.append, database=False)
     assert hand["tuned"] == [] and hand["tune_log"] is None
     x = np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)
