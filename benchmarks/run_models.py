@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import sys
 import tempfile
 import warnings
@@ -138,7 +140,7 @@ def run(models: list[str], threads: list[int], tile: int, repeat: int, budget_s:
                              "speedup": {o: med[o] / med[impl] for o in med if o != impl}})
             print(f"{name} threads={n}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in med.items()),
                   file=sys.stderr, flush=True)
-    info["loadavg_after"] = list(__import__("os").getloadavg())
+    info["loadavg_after"] = list(os.getloadavg())
     return {"system": info, "tile": tile, "preset": peers._STATE["preset"], "rows": rows}
 
 
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from tvm_winoq.io import write_file_atomic
 
     md = to_markdown(result)
-    for path, text in ((args.json, __import__("json").dumps(result, indent=1)), (args.markdown, md)):
+    for path, text in ((args.json, json.dumps(result, indent=1)), (args.markdown, md)):
         if path:
             write_file_atomic(Path(path), text)
     print(md)
