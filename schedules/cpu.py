@@ -89,8 +89,15 @@ def _vectorize_lanes(sch: Schedule, name: str) -> None:
     n_red = sum(int(iv.iter_type) != 0 for iv in sch.get(blk).iter_vars)
     loops = sch.get_loops(blk)
     lane, red = loops[-n_red - 1], loops[-n_red:]
-    sch.reorder(*red, lane)
-    sch.vectorize(lane)
+    if _extent(sch, lane) == 1 and len(loops) > n_red + 1:
+        # one lane per group (a scale per channel): the groups are the contiguous axis, vectorize them
+        # (else the absmax is a scalar loop over positions, strided by T*K: 0.5M scalar loads at 64@56)
+        grp = loops[-n_red - 2]
+        sch.reorder(*red, grp)
+        _vectorize(sch, grp)
+    else:
+        sch.reorder(*red, lane)
+        sch.vectorize(lane)
     sch.decompose_reduction(blk, red[0])
 
 
@@ -164,7 +171,7 @@ def gemm_shape(func: tirx.PrimFunc) -> dict[str, int]:
 
 def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
                          micro: Callable[[Schedule, Any, list], None],
-                         acc_layout: Callable[..., tuple] | None = None) -> tirx.PrimFunc:
+                         acc_layout: Callable[..., tuple] | None = None, wide: bool = False) -> tirx.PrimFunc:
     """The ``gemm`` kernel with a tensorized integer reduction (the ``arm`` and ``x86`` families).
 
     ``u_q`` ``[P, Cp, K]`` is repacked once per call into ``[P, Cp/cw, K, cw]`` (``cw`` input channels
@@ -174,12 +181,15 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     an output, a ``cache_write`` with the copy-out per group).  ``micro(sch, acc, loops)`` tensorizes the
     reduction of one group; ``loops`` = (unit loops..., tiles, channels, reduction).  The fma
     dequantization over groups is scheduled as in :func:`schedule_gemm` (``g`` serial, in order).
+    With ``wide`` (a kernel with the int16 ``vq_wide``/``uq_wide`` stages of
+    :func:`~tvm_winoq.relax.kernels.gemm_kernel`) the packed ``U`` is ``uq_wide``'s int16 buffer and
+    ``vq_wide`` is computed per register block of tiles (all channels), where the micro-kernel reads it.
     """
     sch = Schedule(func)
     debug = len(func.params) == 6
     acc = sch.get_sblock("gemm_acc")
     dq = sch.get_sblock("gemm_dequant")
-    pack = sch.cache_read(acc, "uq", "global")
+    pack = sch.get_sblock("uq_wide") if wide else sch.cache_read(acc, "uq", "global")
     sch.transform_layout(pack, ("write", 0), lambda p, c, k: (p, c // cw, k, c % cw))
     pp, pc, pk = sch.get_loops(pack)
     pcb, pci = sch.split(pc, [None, cw])
@@ -192,7 +202,8 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     to, ti = sch.split(t, [None, tt])
     ko, ki = sch.split(k, [None, kk])
     sch.reorder(p, to, ko, g, ti, ki)
-    sch.parallel(sch.fuse(p, to))
+    block_loop = sch.fuse(p, to)
+    sch.parallel(block_loop)
     if not debug:
         sch.compute_at(acc, g, preserve_unit_loops=True)
         au, ati, aki, ag, arc = sch.get_loops(acc)[-5:]  # loops of (p, t, k, g, rc); p and g unit
@@ -208,12 +219,25 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
         cl = sch.get_loops(copy)
         sch.unroll(cl[-2])
         sch.vectorize(cl[-1])
+    if wide:
+        _place_wide_v(sch, None if debug else block_loop)
     micro(sch, acc, loops)
     sch.vectorize(ki)
     sch.unroll(ti)
     sch.decompose_reduction(dq, g)
     sch.vectorize(sch.get_loops(sch.get_sblock("gemm_dequant_init"))[-1])
     return sch.mod["main"].with_attr(_SCHEDULED, True)
+
+
+def _place_wide_v(sch: Schedule, block_loop: object | None) -> None:
+    """``vq_wide``: per (position, tile block) under ``block_loop`` (debug: at the root, parallel over
+    positions), channels vectorized."""
+    vw = sch.get_sblock("vq_wide")
+    if block_loop is not None:
+        sch.compute_at(vw, block_loop, preserve_unit_loops=True)
+    else:
+        sch.parallel(sch.get_loops(vw)[0])
+    _vectorize(sch, sch.get_loops(vw)[-1])
 
 
 def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:

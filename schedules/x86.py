@@ -25,11 +25,13 @@ from __future__ import annotations
 from types import ModuleType
 
 import tvm
+import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from tvm_winoq.relax.kernels import GemmShape, gemm_kernel
 from tvm_winoq.relax.schedules import load_family
 
 __all__ = ["PMADDWD_INTRIN", "gemm_lanes", "schedule_gemm", "schedule_other_ops", "schedule_winoq_kernels"]
@@ -37,17 +39,31 @@ __all__ = ["PMADDWD_INTRIN", "gemm_lanes", "schedule_gemm", "schedule_other_ops"
 _cpu: ModuleType = load_family("cpu")
 
 PMADDWD_INTRIN = {8: "winoq_x86_pmaddwd_8x2_i8i8i32", 16: "winoq_x86_pmaddwd_16x2_i8i8i32"}
+PMADDWD16_INTRIN = {8: "winoq_x86_pmaddwd_8x2_i16i16i32", 16: "winoq_x86_pmaddwd_16x2_i16i16i32"}
 _LLVM = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
 
 
-def _intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    """(description, implementation) of ``C[i] += sum_j A[j] * B[i, j]`` for ``lanes`` rows, j < 2."""
+def _intrin(lanes: int, dtype: str = "int8") -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """(description, implementation) of ``C[i] += sum_j A[j] * B[i, j]`` for ``lanes`` rows, j < 2.
+
+    ``dtype`` of ``A``/``B``: ``int8`` (sign-extended on load) or ``int16`` (loaded as they are: the
+    ``A`` pair is one 32-bit broadcast from memory, no shuffle)."""
     wide, llvm = f"int16x{2 * lanes}", _LLVM[lanes]
+
+    def a_pair(A: tirx.Buffer) -> tirx.PrimExpr:
+        if dtype == "int16":
+            return T.reinterpret("int32", A.vload([0], "int16x2"))
+        return T.reinterpret("int32", T.Cast("int16x2", A.vload([0], "int8x2")))
+
+    def b_rows(B: tirx.Buffer) -> tirx.PrimExpr:
+        if dtype == "int16":
+            return B.vload([0, 0], wide)
+        return T.Cast(wide, B.vload([0, 0], f"int8x{2 * lanes}"))
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (2,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 2), "int8", offset_factor=1)
+        A = T.match_buffer(a, (2,), dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2), dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
@@ -59,24 +75,21 @@ def _intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (2,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 2), "int8", offset_factor=1)
+        A = T.match_buffer(a, (2,), dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2), dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
             T.writes(C[0:lanes])
             C[T.ramp(0, 1, lanes)] = C.vload([0], f"int32x{lanes}") + T.call_llvm_pure_intrin(
-                f"int32x{lanes}", llvm,
-                T.reinterpret(wide, T.broadcast(
-                    T.reinterpret("int32", T.Cast("int16x2", A.vload([0], "int8x2"))), lanes)),
-                T.Cast(wide, B.vload([0, 0], f"int8x{2 * lanes}")),
-            )
+                f"int32x{lanes}", llvm, T.reinterpret(wide, T.broadcast(a_pair(A), lanes)), b_rows(B))
 
     return desc, impl
 
 
-for _lanes, _name in PMADDWD_INTRIN.items():
-    TensorIntrin.register(_name, *_intrin(_lanes), override=True)
+for _lanes in PMADDWD_INTRIN:
+    TensorIntrin.register(PMADDWD_INTRIN[_lanes], *_intrin(_lanes), override=True)
+    TensorIntrin.register(PMADDWD16_INTRIN[_lanes], *_intrin(_lanes, "int16"), override=True)
 
 
 def gemm_lanes(target: tvm.target.Target) -> int:
@@ -86,7 +99,7 @@ def gemm_lanes(target: tvm.target.Target) -> int:
     return 8 if codegen.target_has_features("avx2", target) else 0
 
 
-def _microkernel(sch: Schedule, acc: object, loops: list, lanes: int) -> None:
+def _microkernel(sch: Schedule, acc: object, loops: list, lanes: int, wide: bool) -> None:
     """Per channel pair: every tile of the block, every ``lanes`` output channels, one intrinsic."""
     *unit, ti, ki, rc = loops
     if unit:
@@ -95,7 +108,7 @@ def _microkernel(sch: Schedule, acc: object, loops: list, lanes: int) -> None:
     cb, c2 = sch.split(rc, [None, 2])
     sch.reorder(cb, ti, kb, kl, c2)
     sch.decompose_reduction(acc, cb)
-    sch.tensorize(kl, PMADDWD_INTRIN[lanes])
+    sch.tensorize(kl, (PMADDWD16_INTRIN if wide else PMADDWD_INTRIN)[lanes])
     sch.unroll(ti)
     sch.unroll(kb)
     sch.vectorize(sch.fuse(*sch.get_loops(sch.get_sblock("gemm_acc_init"))[-2:]))
@@ -109,8 +122,46 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
         return _cpu.schedule_gemm(func)
     tt = _cpu._divisor(s["t"], (4, 7, 5, 6, 3, 2))
     kk = 2 * lanes if s["k"] % (2 * lanes) == 0 else lanes
-    return _cpu.schedule_packed_gemm(func, 2, tt, kk,
-                                     lambda sch, acc, loops: _microkernel(sch, acc, loops, lanes))
+    widened = widen_gemm(func)
+    wide = widened is not None
+    return _cpu.schedule_packed_gemm(widened if wide else func, 2, tt, kk,
+                                     lambda sch, acc, loops: _microkernel(sch, acc, loops, lanes, wide),
+                                     wide=wide)
+
+
+def _v_scale_group(func: tirx.PrimFunc) -> int | None:
+    """``gsv`` of the dequantization ``fma(acc, s_v[p, t, (g * gg) // gsv] * s_u[..], m_f)``."""
+    try:
+        sch = Schedule(func)
+        body = sch.get(sch.get_sblock("gemm_dequant")).body
+        load = body.value.args[1].a
+        idx = load.indices[2]
+        if load.source.name == "sv" and type(idx).__name__ == "FloorDiv":
+            return int(idx.b.value)
+    except Exception:  # noqa: BLE001 - any other structure: not widened
+        return None
+    return None
+
+
+def widen_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """``func`` rebuilt with the int16 ``vq_wide``/``uq_wide`` stages (``None`` if it cannot be).
+
+    The shape is read back from ``func`` (the V scale group from the dequantization's ``s_v`` index)
+    and the rebuilt kernel without the stages must equal ``func`` structurally, so the widened one
+    computes the same thing.
+    """
+    s = _cpu.gemm_shape(func)
+    sv, vq = func.params[1], func.params[0]
+    gsv = _v_scale_group(func)
+    if gsv is None:
+        return None
+    shape = GemmShape(s["p"], s["t"], s["c"], s["k"], s["gg"], s["ng"], int(sv.shape[2]), gsv,
+                      str(vq.dtype))
+    debug = len(func.params) == 6
+    plain, wide = gemm_kernel(shape, debug), gemm_kernel(shape, debug, widen=True)
+    for key, value in (func.attrs or {}).items():
+        plain, wide = plain.with_attr(key, value), wide.with_attr(key, value)
+    return wide if tvm_ffi.structural_equal(plain, func) else None
 
 
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

@@ -102,17 +102,27 @@ def test_settings_validation():
         finetune_scales([], groupwise(), FinetuneSettings(steps=1), progress=False)
 
 
-def test_tile_choice_respects_budget():
-    from tvm_winoq.tile_choice import choose_tiles, winograd_mac_share
+def test_tile_choice_meets_end_to_end_budget():
+    from tvm_winoq.tile_choice import Budget, choose_tiles, winograd_mac_share
 
-    _, _, layers = _layers()
+    m, x, layers = _layers()
+    folded = fold_batchnorm(m, x)
+    inputs = [torch.randn(1, 3, 20, 20, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     configs = {"f6": groupwise(6, 16), "f4": groupwise(4, 16), "f2": groupwise(2, 16)}
     scales = {"f6": None, "f4": None, "f2": None}
     s = FinetuneSettings(spatial=8)
-    lax = choose_tiles(layers, configs, scales, min_sqnr_db=-1e9, settings=s)
-    assert [d.choice for d in lax] == ["f6", "f6"] and winograd_mac_share(lax, ("f6",)) == 1.0
-    strict = choose_tiles(layers, configs, scales, min_sqnr_db=1e9, settings=s)
-    assert [d.choice for d in strict] == ["direct", "direct"] and winograd_mac_share(strict) == 0.0
-    mid_budget = sorted(strict[0].sqnr_db[k] for k in ("f6", "f4", "f2"))[1]
-    mid = choose_tiles(layers[:1], configs, scales, min_sqnr_db=mid_budget, settings=s)
-    assert mid[0].sqnr_db[mid[0].choice] >= mid_budget
+    lax = choose_tiles(folded, layers, configs, scales, inputs, Budget(min_db=-1e9), s)
+    assert [d.choice for d in lax.decisions] == ["f6", "f6"] and not lax.steps
+    assert winograd_mac_share(lax.decisions, ("f6",)) == 1.0
+    # as good as int8 direct end to end: steps are taken until the model gets there
+    strict = choose_tiles(folded, layers, configs, scales, inputs, Budget(min_db=1e9, max_loss_db=0.0), s)
+    assert strict.target_db == strict.direct_db and strict.model_db >= strict.target_db
+    assert strict.steps and lax.model_db < strict.target_db
+    assert [st[3] for st in strict.steps][-1] == strict.model_db
+    mid_db = (lax.model_db + strict.direct_db) / 2
+    mid = choose_tiles(folded, layers, configs, scales, inputs, Budget(min_db=mid_db), s)
+    assert mid.target_db == mid_db and mid.model_db >= mid_db
+    assert len(lax.steps) <= len(mid.steps) <= len(strict.steps)
+    with pytest.raises(ConfigError, match="max_loss_db"):
+        Budget(max_loss_db=-1)
+    assert Budget(20, 3).target(18.2) == pytest.approx(15.2) and Budget(20, 3).target(36) == 20

@@ -81,7 +81,9 @@ def _study_settings(a: argparse.Namespace):
         size=a.size,
         test_limit=a.limit,
         budgets_db=tuple(a.budget),
+        max_loss_db=a.max_loss,
         compiled=a.compiled,
+        engine=a.engine,
         finetune=FinetuneSettings(steps=a.steps, seed=a.seed),
     )
 
@@ -111,8 +113,12 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=5)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--budget", type=float, nargs="+", default=[30.0],
-                   help="per-layer SQNR budgets (dB) of the automatic tile choice (one row each)")
+    p.add_argument("--budget", type=float, nargs="+", default=[20.0],
+                   help="automatic tile choice: end-to-end output SQNR (dB vs FP32) to keep (one row each)")
+    p.add_argument("--max-loss", type=float, default=3.0,
+                   help="... or at most this many dB below int8 direct where direct is below budget + this")
+    p.add_argument("--engine", choices=["reference", "compiled"], default="reference",
+                   help="what computes the task metric: PyTorch integer reference or the compiled module")
     p.add_argument("--compiled", action="store_true",
                    help="also run the default (first budget) as a TVM-compiled module on the host")
     p.add_argument("--steps", type=int, default=600)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from .quant.baselines import direct_conv2d_int8
 from .quant.plan import LayerScales, plan_layer
 from .quant.reference import winograd_conv2d_int
 
+if TYPE_CHECKING:
+    from .tile_choice import Budget
+
 
 @dataclass(frozen=True)
 class Method:
@@ -31,7 +35,7 @@ class Method:
     kind: str  # "direct" | "winograd" | "auto" (per-layer tile choice)
     cfg: WinoQConfig
     scales: str = "standard"  # "standard" | "learned-shared" | "learned-per-layer"
-    budget_db: float | None = None  # kind "auto": per-layer SQNR budget of the tile choice
+    budget: Budget | None = None  # kind "auto": end-to-end budget of the tile choice
 
 
 def standard_methods(tiles: Sequence[int] = (4, 6), groups: Sequence[int] = (16, 32, 64)) -> list[Method]:

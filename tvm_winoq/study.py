@@ -4,7 +4,7 @@ Methods: FP32, int8 direct, and for each tile size F(2,3)/F(4,3)/F(6,3): per-ten
 group-wise standard scales, group-wise learned shared scales (the paper; for each group size),
 group-wise learned per-layer scales and, beyond the paper, M quantized per output channel
 (:func:`~tvm_winoq.config.default_config`); an alternative point set for F(6,3); and the shipped default:
-a data-free per-layer choice of F(6,3)/F(4,3)/F(2,3)/int8 direct under an SQNR budget
+a per-layer choice of F(6,3)/F(4,3)/F(2,3)/int8 direct under an end-to-end SQNR budget
 (:mod:`tvm_winoq.tile_choice`).  Optionally the default also runs as a TVM-compiled module
 (:mod:`tvm_winoq.study_compiled`).  Results are JSON-ready dicts (written by :mod:`tvm_winoq.study_report`)
 and reproducible from the seed.
@@ -24,20 +24,27 @@ from .errors import ConfigError
 from .evaluate import Method, capture_inputs, layer_sqnr, learn, scales_for
 from .fidelity import real_inputs
 from .finetune import ConvLayer, FinetuneSettings, collect_layers
-from .tile_choice import choose_tiles, layer_macs
+from .tile_choice import Budget, TileChoice, choose_tiles, layer_macs
 
 PRIMARY_METRIC = {"labels": "top1", "agreement": "top1_agreement", "craft": "heatmap_sqnr_db",
                   "sqnr": "output_sqnr_db"}
 """The task metric a report leads with, per task kind."""
 
 
+ENGINES = ("reference", "compiled")
+"""What computes each row's task metric: the PyTorch integer reference, or the TVM-compiled module."""
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """What the study covers.
 
-    ``budgets_db`` are the per-layer SQNR budgets (dB, Gaussian inputs) of the automatic tile choice
-    (one ``default: auto`` row each); ``compiled`` also runs the first budget's default through the
-    TVM-compiled module on the host.
+    ``budgets_db`` are the end-to-end output SQNR budgets (dB vs FP32, :class:`~.tile_choice.Budget`
+    ``min_db``; relaxed to ``max_loss_db`` below int8 direct) of the automatic tile choice (one
+    ``default: auto`` row each);
+    ``engine`` computes every row's task metric with the PyTorch integer reference or with the
+    TVM-compiled module (host, batch 1 per image as deployed); ``compiled`` (reference engine only)
+    adds one compiled row for the first budget's default.
     """
 
     tiles: tuple[int, ...] = (2, 4, 6)
@@ -45,8 +52,10 @@ class StudySettings:
     images: int = 5
     size: int = 256
     test_limit: int | None = None
-    budgets_db: tuple[float, ...] = (30.0,)
+    budgets_db: tuple[float, ...] = (20.0,)
+    max_loss_db: float = 3.0
     compiled: bool = False
+    engine: str = "reference"
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
     def __post_init__(self) -> None:
@@ -56,12 +65,14 @@ class StudySettings:
             raise ConfigError(f"groups: must be positive group sizes, got {self.groups}")
         if self.images < 1 or self.size < 16:
             raise ConfigError(f"images >= 1 and size >= 16 required, got {self.images}, {self.size}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.test_limit is not None and self.test_limit < 1:
             raise ConfigError(f"test_limit: must be >= 1, got {self.test_limit}")
 
 
 def study_methods(
-    tiles: Sequence[int], groups: Sequence[int], budgets: Sequence[float] = ()
+    tiles: Sequence[int], groups: Sequence[int], budgets: Sequence[float] = (), max_loss_db: float = 3.0
 ) -> list[Method]:
     """The rows of the study table."""
     out = [Method("int8 direct", "direct", groupwise(6, 32))]
@@ -80,8 +91,9 @@ def study_methods(
             out.append(Method("F(6,3) group32 + M per-channel, points {0,±1,±1/2,±3/2}, learned shared",
                               "winograd", alt, "learned-shared"))
     for b in budgets:
-        out.append(Method(f"default: auto F(6,3)/F(4,3)/F(2,3)/direct, budget {b:g} dB", "auto",
-                          default_config(6), "learned-shared", b))
+        bud = Budget(b, max_loss_db)
+        out.append(Method(f"default: auto F(6,3)/F(4,3)/F(2,3)/direct, end to end {bud.label()}", "auto",
+                          default_config(6), "learned-shared", bud))
     return out
 
 
@@ -133,10 +145,13 @@ class Resolved:
     scales: object
     choices: dict[str, str]
     finetune_s: float
-    decisions: list = field(default_factory=list)
+    tile_choice: TileChoice | None = None
 
 
-def resolve(meth: Method, layers: Sequence[ConvLayer], ft: FinetuneSettings, model_name: str) -> Resolved:
+def resolve(
+    meth: Method, layers: Sequence[ConvLayer], ft: FinetuneSettings, model_name: str,
+    model: torch.nn.Module | None = None, inputs: Sequence[torch.Tensor] = (),
+) -> Resolved:
     """Scales (finetuned or cached) and per-layer choices of ``meth``."""
     if meth.kind != "auto":
         scales, ft_s = scales_for(meth, layers, ft, model_name)
@@ -145,11 +160,13 @@ def resolve(meth: Method, layers: Sequence[ConvLayer], ft: FinetuneSettings, mod
     configs = {f"f{t}": meth.cfg.with_(tile=t, points=None) for t in (2, 4, 6)}
     learned = {k: learn(layers, c, meth.scales, ft, model_name) for k, c in configs.items()}
     scales = {k: r.shared for k, r in learned.items()}
-    decisions = choose_tiles(layers, configs, scales, meth.budget_db, ft)
-    choices = {d.name: d.choice for d in decisions}
-    per_layer = {d.name: scales[d.choice] for d in decisions if d.choice in scales}
+    if model is None:
+        raise ValueError(f"{meth.name}: the automatic tile choice needs the model and its inputs")
+    tc = choose_tiles(model, layers, configs, scales, inputs, meth.budget, ft)
+    choices = tc.choices
+    per_layer = {n: scales[c] for n, c in choices.items() if c in scales}
     cfg = configs["f4"].with_(layers=choices)
-    return Resolved(cfg, per_layer, choices, sum(r.seconds for r in learned.values()), decisions)
+    return Resolved(cfg, per_layer, choices, sum(r.seconds for r in learned.values()), tc)
 
 
 def _layer_method(meth: Method, r: Resolved, name: str) -> tuple[Method, object]:
@@ -159,6 +176,25 @@ def _layer_method(meth: Method, r: Resolved, name: str) -> tuple[Method, object]
     if choice == "direct":
         return Method("direct", "direct", r.cfg), None
     return Method(choice, "winograd", r.cfg.with_(tile=int(choice[1:]), layers={})), r.scales[name]
+
+
+def _task_model(engine: str, folded: torch.nn.Module, example: torch.Tensor, r: Resolved):
+    """``(model, engine used)`` whose task metric a row reports: the integer reference or the compiled
+    module; a config the TIR kernels do not take (e.g. per-tensor V) falls back to the reference."""
+    cfg = r.cfg.with_(layers={**r.cfg.layers, **r.choices})
+    if engine == "compiled":
+        from .study_compiled import CompiledAsTorch
+
+        with torch.no_grad():
+            tuple_out = isinstance(folded(example), tuple | list)
+        compiled = CompiledAsTorch(folded, cfg, r.scales, tuple_out)
+        try:
+            compiled(example)  # builds now: a config the kernels reject is known before the task runs
+            return compiled, "compiled"
+        except ValueError as e:
+            engine = f"reference ({str(e).split(';')[0]})"
+    default = "direct" if set(r.choices.values()) == {"direct"} else f"f{r.cfg.tile}"
+    return quantize_model(folded, cfg, r.scales, default=default, fold_bn=False)[0], engine
 
 
 def winograd_share(layers: Sequence[ConvLayer], choices: Mapping[str, str]) -> float:
@@ -188,19 +224,18 @@ def eval_model(
     rows = [{"method": "FP32", **task_metric(kind, data, folded, folded, ref_pred)}]
     resolved: dict[str, Resolved] = {}
     if methods is None:
-        methods = study_methods(s.tiles, s.groups, s.budgets_db) if layers else []
+        methods = study_methods(s.tiles, s.groups, s.budgets_db, s.max_loss_db) if layers else []
     if not layers:  # e.g. MobileNetV2 (its only dense 3x3 has stride 2): FP32 and the compiled module
         log(f"  {model_name}: no eligible 3x3 stride-1 convolution; only FP32 and the compiled module")
     for meth in methods:
         t0 = time.time()
-        r = resolve(meth, layers, s.finetune, model_name)
+        r = resolve(meth, layers, s.finetune, model_name, folded, calib)
         resolved[meth.name] = r
         per = {}
         for layer in layers:
             lm, sc = _layer_method(meth, r, layer.name)
             per[layer.name] = layer_sqnr(lm, layer, acts[layer.name], sc)
-        default = "direct" if meth.kind == "direct" else f"f{r.cfg.tile}"
-        qm, _ = quantize_model(folded, r.cfg, r.scales, default=default, fold_bn=False)
+        qm, engine = _task_model(s.engine, folded, example, r)
         row = {
             "method": meth.name,
             "layer_mean_db": sum(per.values()) / max(len(per), 1),
@@ -211,11 +246,17 @@ def eval_model(
         }
         if meth.kind == "auto":
             row["choices"] = r.choices
+            tc = r.tile_choice
+            row["budget"] = {**meth.budget.__dict__, "direct_db": tc.direct_db,
+                             "target_db": tc.target_db, "model_db": tc.model_db, "steps": tc.steps}
+        row["engine"] = engine
+        if engine == "compiled":
+            row["build_s"] = qm.build_s
         row["seconds"] = time.time() - t0
         log(f"  {meth.name}: layer-mean {row['layer_mean_db']:.2f} dB ({row['seconds']:.0f} s)")
         rows.append(row)
     auto = [m for m in methods if m.kind == "auto"]
-    if s.compiled and (auto or not layers):
+    if s.compiled and s.engine != "compiled" and (auto or not layers):
         from .config import default_config
         from .study_compiled import compiled_row
 
@@ -234,7 +275,9 @@ def eval_model(
         "rows": rows,
         "settings": {
             "tiles": s.tiles, "groups": s.groups, "images": s.images, "size": s.size,
-            "test_limit": s.test_limit, "budgets_db": s.budgets_db, "finetune": s.finetune.__dict__,
+            "test_limit": s.test_limit, "budgets_db": s.budgets_db,
+            "max_loss_db": s.max_loss_db, "engine": s.engine,
+            "finetune": s.finetune.__dict__,
         },
     }
     if layers:

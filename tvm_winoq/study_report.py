@@ -30,11 +30,17 @@ def _fmt(v) -> str:
 def study_markdown(res: dict) -> str:
     """The study table of one model as markdown."""
     rows = res["rows"]
-    skip = {"method", "layers", "choices", "layer_mean_db", "finetune_s", "seconds", "winograd_mac_share"}
+    skip = {"method", "layers", "choices", "layer_mean_db", "finetune_s", "seconds", "winograd_mac_share",
+            "budget", "build_s", "run_s", "engine"}
     metric_keys = [k for k in rows[0] if k not in skip]
     head = ["method", "layer-mean SQNR dB", *metric_keys, "F(4,3)+F(6,3) MAC %", "finetune s"]
+    engine = res.get("settings", {}).get("engine", "reference")
+    by = "the TVM-compiled module (host, one image per call)" if engine == "compiled" else \
+        "the PyTorch integer reference"
     lines = [
         f"### {res['model']} ({res['eligible_layers']} eligible convs, task: {res['task']})",
+        "",
+        f"Task metric computed by {by}; layer SQNR by the integer reference on real activations.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * (len(head) - 1),
@@ -45,6 +51,10 @@ def study_markdown(res: dict) -> str:
         share = r.get("winograd_mac_share")
         vals += [_fmt(share) if share is not None else "", _fmt(r.get("finetune_s", 0.0))]
         lines.append("| " + " | ".join(vals) + " |")
+    other = [r for r in rows if r.get("engine", engine) != engine]
+    if other:
+        lines += ["", "Rows computed by another engine: " + "; ".join(
+            f"{r['method']}: {r['engine']}" for r in other) + "."]
     for r in rows:
         if r.get("choices"):
             counts: dict[str, int] = {}
@@ -53,6 +63,11 @@ def study_markdown(res: dict) -> str:
             lines += ["", f"{r['method']}: per-layer choice " + ", ".join(
                 f"{k} x{v}" for k, v in sorted(counts.items())) + " (" + ", ".join(
                 f"`{n}`={c}" for n, c in r["choices"].items()) + ")"]
+            b = r.get("budget")
+            if b:
+                lines += ["", f"Budget: end-to-end output SQNR (calibration images) {b['model_db']:.2f} dB "
+                          f"vs all-direct {b['direct_db']:.2f} dB (target {b['target_db']:.2f} dB, "
+                          f"{len(b['steps'])} layer steps from all F(6,3))."]
     return "\n".join(lines)
 
 

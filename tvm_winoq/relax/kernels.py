@@ -348,22 +348,42 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
 
 def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     """Kernel ``gemm``: ``(v_q, s_v, u_q, s_u, m_f)``; with ``debug`` ``(v_q, s_v, u_q, s_u, acc, m_f)``."""
-    p, t, c, k = spec.positions, spec.tiles, spec.in_channels, spec.out_channels
-    gg, ng = spec.gemm_group, spec.gemm_groups
+    return gemm_kernel(GemmShape(spec.positions, spec.tiles, spec.in_channels, spec.out_channels,
+                                 spec.gemm_group, spec.gemm_groups, spec.sv_shape[2], spec.v.group,
+                                 spec.v.dtype), debug)
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """What a ``gemm`` kernel is made of: positions ``p``, tiles ``t``, channels ``c`` -> ``k``, GEMM
+    groups (``ng`` of ``gg`` channels), V scale groups (``gv`` of ``gsv`` channels), ``v_q``'s dtype."""
+
+    p: int
+    t: int
+    c: int
+    k: int
+    gg: int
+    ng: int
+    gv: int
+    gsv: int
+    vq_dtype: str
+
+
+def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False) -> tirx.PrimFunc:
+    """The ``gemm`` PrimFunc of shape ``s`` (see :func:`gemm_func`).
+
+    ``widen`` (int8 ``v_q`` only) adds two elementwise stages, ``vq_wide`` and ``uq_wide``, that copy
+    ``v_q`` and ``u_q`` to int16 before the reduction reads them (same values, same result): a schedule
+    can then place them (a packed int16 ``U`` once per call, a block of ``V`` per register block) so its
+    micro-kernel loads operands that need no sign extension (``schedules/x86.py``).
+    """
+    p, t, c, k, gg, ng = s.p, s.t, s.c, s.k, s.gg, s.ng
     cp = gg * ng
-    gv, gsv = spec.sv_shape[2], spec.v.group  # V scales are per (position, tile)
-    vq_dt = spec.v.dtype
+    gv, gsv, vq_dt = s.gv, s.gsv, s.vq_dtype
+    widen = widen and vq_dt == "int8"
 
     @T.macro
-    def body(vq, sv, uq, su, acc, mf):
-        for i0, i1, i2, i3, i4 in T.grid(p, t, k, ng, gg):
-            with T.sblock("gemm_acc"):
-                v0, v1, v2, v3, v4 = T.axis.remap("SSSSR", [i0, i1, i2, i3, i4])
-                with T.init():
-                    acc[v0, v1, v2, v3] = 0
-                acc[v0, v1, v2, v3] = acc[v0, v1, v2, v3] + (
-                    T.Cast("int32", vq[v0, v1, _clamp_index(v3 * gg + v4, c, cp)])
-                    * T.Cast("int32", uq[v0, v3 * gg + v4, v2]))
+    def dequant(sv, su, acc, mf):
         for i0, i1, i2, i3 in T.grid(p, t, k, ng):
             with T.sblock("gemm_dequant"):
                 v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])
@@ -372,6 +392,35 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                 mf[v0, v1, v2] = T.fma(
                     T.Cast("float32", acc[v0, v1, v2, v3]),
                     sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
+
+    @T.macro
+    def reduce(va, ua, acc):
+        for i0, i1, i2, i3, i4 in T.grid(p, t, k, ng, gg):
+            with T.sblock("gemm_acc"):
+                v0, v1, v2, v3, v4 = T.axis.remap("SSSSR", [i0, i1, i2, i3, i4])
+                with T.init():
+                    acc[v0, v1, v2, v3] = 0
+                acc[v0, v1, v2, v3] = acc[v0, v1, v2, v3] + (
+                    T.Cast("int32", va[v0, v1, _clamp_index(v3 * gg + v4, c, cp)])
+                    * T.Cast("int32", ua[v0, v3 * gg + v4, v2]))
+
+    @T.macro
+    def body(vq, sv, uq, su, acc, mf):
+        if widen:
+            vw = T.sblock_alloc_buffer((p, t, c), "int16")
+            uw = T.sblock_alloc_buffer((p, cp, k), "int16")
+            for i0, i1, i2 in T.grid(p, t, c):
+                with T.sblock("vq_wide"):
+                    v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                    vw[v0, v1, v2] = T.Cast("int16", vq[v0, v1, v2])
+            for i0, i1, i2 in T.grid(p, cp, k):
+                with T.sblock("uq_wide"):
+                    v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                    uw[v0, v1, v2] = T.Cast("int16", uq[v0, v1, v2])
+            reduce(vw, uw, acc)
+        else:
+            reduce(vq, uq, acc)
+        dequant(sv, su, acc, mf)
 
     if debug:
         @T.prim_func(s_tir=True, private=True)
