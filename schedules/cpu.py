@@ -164,7 +164,7 @@ def gemm_shape(func: tirx.PrimFunc) -> dict[str, int]:
     sch = Schedule(func)
     blk = sch.get(sch.get_sblock("gemm_acc"))
     p, t, k, ng, gg = (int(iv.dom.extent) for iv in blk.iter_vars)
-    vq = next(r.source for r in blk.reads if r.source.name == "vq")
+    vq = func.params[0]  # v_q [P, T, C]
     return {"p": p, "t": t, "k": k, "ng": ng, "gg": gg, "c": int(vq.shape[2]), "cp": ng * gg,
             "vbits": int(tvm.DataType(vq.dtype).bits)}
 
@@ -182,20 +182,23 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     reduction of one group; ``loops`` = (unit loops..., tiles, channels, reduction).  The fma
     dequantization over groups is scheduled as in :func:`schedule_gemm` (``g`` serial, in order).
     With ``wide`` (a kernel with the int16 ``vq_wide``/``uq_wide`` stages of
-    :func:`~tvm_winoq.relax.kernels.gemm_kernel`) the packed ``U`` is ``uq_wide``'s int16 buffer and
-    ``vq_wide`` is computed per register block of tiles (all channels), where the micro-kernel reads it.
+    :func:`~tvm_winoq.relax.kernels.gemm_kernel`) the packed ``U`` is ``uq_wide``'s int16 buffer; a
+    ``u_q`` parameter that is already ``[P, Cp/cw, K, cw]`` (packed at compile time) is read as it is.
+    A ``vq_wide`` stage is computed per register block of tiles (all channels), where the micro-kernel
+    reads it.
     """
     sch = Schedule(func)
     debug = len(func.params) == 6
     acc = sch.get_sblock("gemm_acc")
     dq = sch.get_sblock("gemm_dequant")
-    pack = sch.get_sblock("uq_wide") if wide else sch.cache_read(acc, "uq", "global")
-    sch.transform_layout(pack, ("write", 0), lambda p, c, k: (p, c // cw, k, c % cw))
-    pp, pc, pk = sch.get_loops(pack)
-    pcb, pci = sch.split(pc, [None, cw])
-    sch.reorder(pp, pcb, pk, pci)
-    sch.parallel(pp)
-    sch.unroll(pci)
+    if len(func.params[2].shape) == 3:  # else u_q arrives packed (a constant packed at compile time)
+        pack = sch.get_sblock("uq_wide") if wide else sch.cache_read(acc, "uq", "global")
+        sch.transform_layout(pack, ("write", 0), lambda p, c, k: (p, c // cw, k, c % cw))
+        pp, pc, pk = sch.get_loops(pack)
+        pcb, pci = sch.split(pc, [None, cw])
+        sch.reorder(pp, pcb, pk, pci)
+        sch.parallel(pp)
+        sch.unroll(pci)
     copy = sch.cache_write(acc, "acc", "global") if debug else None
     sch.transform_layout(acc, ("write", 0), acc_layout or (lambda p, t, k, g: (p, g, t, k)))
     p, t, k, g = sch.get_loops(dq)
@@ -219,7 +222,7 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
         cl = sch.get_loops(copy)
         sch.unroll(cl[-2])
         sch.vectorize(cl[-1])
-    if wide:
+    if _has_block(sch, "vq_wide"):
         _place_wide_v(sch, None if debug else block_loop)
     micro(sch, acc, loops)
     sch.vectorize(ki)

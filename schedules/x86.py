@@ -6,9 +6,16 @@ kernels, other operators, the GEMM's register blocking and its fma dequantizatio
 channel group becomes a micro-kernel over pairs of input channels (a TIR tensor intrinsic registered
 here; nothing for x86 int8 is registered upstream):
 
-* ``u_q`` is repacked once per call to ``[P, Cp/2, K, 2]``: one ``L``-lane operand holds ``L`` output
-  channels x 2 input channels, 2L bytes, sign-extended to int16 on load (``vpmovsxbw``);
-* the two int8 ``v_q`` of a tile and channel pair are sign-extended and broadcast to every 32-bit lane;
+* ``u_q`` is packed to ``[P, Cp/2, K, 2]`` (one ``L``-lane operand = ``L`` output channels x 2 input
+  channels, sign-extended on load) at compile time: :func:`prepack_gemm` is this family's hook for
+  :class:`tvm_winoq.relax.prepack.PrepackGemmWeights`, which packs the constant with NumPy.  Packing per
+  call read and wrote all of ``U`` on every call (most of the GEMM's time at 512@7, 4 tiles).  A GEMM
+  whose ``U`` is not a constant is rebuilt by :func:`widen_gemm` to pack ``U`` to int16 once per call;
+* ``v_q`` is widened to int16 per register block of tiles (all channels, while it is in L1; the
+  ``vq_wide`` stage of :func:`tvm_winoq.relax.kernels.gemm_kernel`, same values, the rebuilt kernel
+  checked to be the generator's), so the pair of a tile is one 32-bit broadcast from memory (a
+  load-port ``vpbroadcastd``; sign-extending int8 pairs in the loop cost two shuffle uops per pair,
+  the port-5 bottleneck that made this GEMM ~1.7x slower at 64@56);
 * ``vpmaddwd`` multiplies the int16 pairs and adds each pair into one int32 lane, exactly (|v|, |u| <=
   128: no saturation, unlike ``vpmaddubsw``), and ``vpaddd`` accumulates.  On CPUs with AVX-512 VNNI
   LLVM fuses the two into ``vpdpwssd``.
@@ -34,36 +41,38 @@ from tvm.target import codegen
 from tvm_winoq.relax.kernels import GemmShape, gemm_kernel
 from tvm_winoq.relax.schedules import load_family
 
-__all__ = ["PMADDWD_INTRIN", "gemm_lanes", "schedule_gemm", "schedule_other_ops", "schedule_winoq_kernels"]
+__all__ = ["PMADDWD_INTRIN", "gemm_lanes", "prepack_gemm", "schedule_gemm", "schedule_other_ops",
+           "schedule_winoq_kernels", "widen_gemm"]
 
 _cpu: ModuleType = load_family("cpu")
 
 PMADDWD_INTRIN = {8: "winoq_x86_pmaddwd_8x2_i8i8i32", 16: "winoq_x86_pmaddwd_16x2_i8i8i32"}
 PMADDWD16_INTRIN = {8: "winoq_x86_pmaddwd_8x2_i16i16i32", 16: "winoq_x86_pmaddwd_16x2_i16i16i32"}
+PMADDWD16x8_INTRIN = {8: "winoq_x86_pmaddwd_8x2_i16i8i32", 16: "winoq_x86_pmaddwd_16x2_i16i8i32"}
 _LLVM = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
 
 
-def _intrin(lanes: int, dtype: str = "int8") -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+def _intrin(lanes: int, a_dtype: str = "int8", b_dtype: str = "int8") -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     """(description, implementation) of ``C[i] += sum_j A[j] * B[i, j]`` for ``lanes`` rows, j < 2.
 
-    ``dtype`` of ``A``/``B``: ``int8`` (sign-extended on load) or ``int16`` (loaded as they are: the
-    ``A`` pair is one 32-bit broadcast from memory, no shuffle)."""
+    Operand dtypes ``int8`` (sign-extended on load) or ``int16`` (loaded as they are: an int16 ``A``
+    pair is one 32-bit broadcast from memory, no shuffle)."""
     wide, llvm = f"int16x{2 * lanes}", _LLVM[lanes]
 
     def a_pair(A: tirx.Buffer) -> tirx.PrimExpr:
-        if dtype == "int16":
+        if a_dtype == "int16":
             return T.reinterpret("int32", A.vload([0], "int16x2"))
         return T.reinterpret("int32", T.Cast("int16x2", A.vload([0], "int8x2")))
 
     def b_rows(B: tirx.Buffer) -> tirx.PrimExpr:
-        if dtype == "int16":
+        if b_dtype == "int16":
             return B.vload([0, 0], wide)
         return T.Cast(wide, B.vload([0, 0], f"int8x{2 * lanes}"))
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (2,), dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 2), dtype, offset_factor=1)
+        A = T.match_buffer(a, (2,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2), b_dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
@@ -75,8 +84,8 @@ def _intrin(lanes: int, dtype: str = "int8") -> tuple[tirx.PrimFunc, tirx.PrimFu
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (2,), dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 2), dtype, offset_factor=1)
+        A = T.match_buffer(a, (2,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2), b_dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
@@ -89,7 +98,8 @@ def _intrin(lanes: int, dtype: str = "int8") -> tuple[tirx.PrimFunc, tirx.PrimFu
 
 for _lanes in PMADDWD_INTRIN:
     TensorIntrin.register(PMADDWD_INTRIN[_lanes], *_intrin(_lanes), override=True)
-    TensorIntrin.register(PMADDWD16_INTRIN[_lanes], *_intrin(_lanes, "int16"), override=True)
+    TensorIntrin.register(PMADDWD16_INTRIN[_lanes], *_intrin(_lanes, "int16", "int16"), override=True)
+    TensorIntrin.register(PMADDWD16x8_INTRIN[_lanes], *_intrin(_lanes, "int16", "int8"), override=True)
 
 
 def gemm_lanes(target: tvm.target.Target) -> int:
@@ -99,7 +109,7 @@ def gemm_lanes(target: tvm.target.Target) -> int:
     return 8 if codegen.target_has_features("avx2", target) else 0
 
 
-def _microkernel(sch: Schedule, acc: object, loops: list, lanes: int, wide: bool) -> None:
+def _microkernel(sch: Schedule, acc: object, loops: list, lanes: int, intrin: str) -> None:
     """Per channel pair: every tile of the block, every ``lanes`` output channels, one intrinsic."""
     *unit, ti, ki, rc = loops
     if unit:
@@ -108,25 +118,59 @@ def _microkernel(sch: Schedule, acc: object, loops: list, lanes: int, wide: bool
     cb, c2 = sch.split(rc, [None, 2])
     sch.reorder(cb, ti, kb, kl, c2)
     sch.decompose_reduction(acc, cb)
-    sch.tensorize(kl, (PMADDWD16_INTRIN if wide else PMADDWD_INTRIN)[lanes])
+    sch.tensorize(kl, intrin)
     sch.unroll(ti)
     sch.unroll(kb)
     sch.vectorize(sch.fuse(*sch.get_loops(sch.get_sblock("gemm_acc_init"))[-2:]))
 
 
 def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """Schedule the ``gemm`` kernel with the ``vpmaddwd`` micro-kernel (else the ``cpu`` schedule)."""
+    """Schedule the ``gemm`` kernel with the ``vpmaddwd`` micro-kernel (else the ``cpu`` schedule).
+
+    A kernel from :func:`prepack_gemm` (``u_q`` packed at compile time) reads ``U`` as it is; any other
+    one is widened by :func:`widen_gemm` (``U`` packed to int16 once per call) where it can be.
+    """
     lanes = gemm_lanes(target)
     s = _cpu.gemm_shape(func)
-    if not lanes or s["cp"] != s["c"] or s["k"] % lanes or s["gg"] % 2 or s["vbits"] != 8:
+    if not _fits(s, lanes):
         return _cpu.schedule_gemm(func)
     tt = _cpu._divisor(s["t"], (4, 7, 5, 6, 3, 2))
     kk = 2 * lanes if s["k"] % (2 * lanes) == 0 else lanes
-    widened = widen_gemm(func)
-    wide = widened is not None
-    return _cpu.schedule_packed_gemm(widened if wide else func, 2, tt, kk,
-                                     lambda sch, acc, loops: _microkernel(sch, acc, loops, lanes, wide),
+    if len(func.params[2].shape) == 4:  # prepacked int8 U, int16 V
+        intrin, wide = PMADDWD16x8_INTRIN[lanes], False
+    else:
+        widened = widen_gemm(func)
+        wide = widened is not None
+        func = widened if wide else func
+        intrin = (PMADDWD16_INTRIN if wide else PMADDWD_INTRIN)[lanes]
+    return _cpu.schedule_packed_gemm(func, 2, tt, kk,
+                                     lambda sch, acc, loops: _microkernel(sch, acc, loops, lanes, intrin),
                                      wide=wide)
+
+
+def _fits(s: dict[str, int], lanes: int) -> bool:
+    """Whether the micro-kernel covers a GEMM of shape ``s`` (:func:`cpu.gemm_shape`)."""
+    return bool(lanes) and s["cp"] == s["c"] and s["k"] % lanes == 0 and s["gg"] % 2 == 0 and s["vbits"] == 8
+
+
+def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.PrimFunc, int] | None:
+    """``(kernel, cw)``: ``func`` taking ``u_q`` packed at compile time as ``[P, Cp/2, K, 2]``
+    (:func:`tvm_winoq.relax.kernels.pack_u` with ``cw`` = 2) and widening ``v_q`` per tile block; ``None``
+    where the micro-kernel does not apply (then ``U`` is packed per call, or not at all).
+
+    Packing per call reads and writes all of ``U`` (36 x C x K bytes for F(4,3)) on every call: at 512@7
+    (4 tiles) that is most of the GEMM's time.
+    """
+    lanes = gemm_lanes(target)
+    if len(func.params) != 5 or len(func.params[2].shape) != 3 or not _fits(_cpu.gemm_shape(func), lanes):
+        return None
+    shape = _plain_shape(func)
+    if shape is None:
+        return None
+    packed = gemm_kernel(shape, widen=True, u_pack=2)
+    for key, value in (func.attrs or {}).items():
+        packed = packed.with_attr(key, value)
+    return packed, 2
 
 
 def _v_scale_group(func: tirx.PrimFunc) -> int | None:
@@ -143,25 +187,39 @@ def _v_scale_group(func: tirx.PrimFunc) -> int | None:
     return None
 
 
-def widen_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """``func`` rebuilt with the int16 ``vq_wide``/``uq_wide`` stages (``None`` if it cannot be).
+def _plain_shape(func: tirx.PrimFunc) -> GemmShape | None:
+    """The :class:`GemmShape` whose plain kernel ``func`` is (``None`` if it is not exactly that).
 
     The shape is read back from ``func`` (the V scale group from the dequantization's ``s_v`` index)
-    and the rebuilt kernel without the stages must equal ``func`` structurally, so the widened one
-    computes the same thing.
+    and the kernel rebuilt from it must equal ``func`` structurally: a rebuilt variant then computes
+    the same thing.
     """
-    s = _cpu.gemm_shape(func)
-    sv, vq = func.params[1], func.params[0]
     gsv = _v_scale_group(func)
-    if gsv is None:
+    try:
+        s = _cpu.gemm_shape(func)
+    except Exception:  # noqa: BLE001 - not a gemm kernel of ours
         return None
+    if gsv is None or len(func.params[2].shape) != 3:
+        return None
+    sv, vq = func.params[1], func.params[0]
     shape = GemmShape(s["p"], s["t"], s["c"], s["k"], s["gg"], s["ng"], int(sv.shape[2]), gsv,
                       str(vq.dtype))
-    debug = len(func.params) == 6
-    plain, wide = gemm_kernel(shape, debug), gemm_kernel(shape, debug, widen=True)
+    plain = gemm_kernel(shape, len(func.params) == 6)
     for key, value in (func.attrs or {}).items():
-        plain, wide = plain.with_attr(key, value), wide.with_attr(key, value)
-    return wide if tvm_ffi.structural_equal(plain, func) else None
+        plain = plain.with_attr(key, value)
+    return shape if tvm_ffi.structural_equal(plain, func) else None
+
+
+def widen_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """``func`` rebuilt with the int16 ``vq_wide``/``uq_wide`` stages (``None`` if it cannot be, see
+    :func:`_plain_shape`)."""
+    shape = _plain_shape(func)
+    if shape is None:
+        return None
+    wide = gemm_kernel(shape, len(func.params) == 6, widen=True)
+    for key, value in (func.attrs or {}).items():
+        wide = wide.with_attr(key, value)
+    return wide
 
 
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

@@ -20,7 +20,7 @@ import tvm
 from tvm_winoq.config import groupwise
 from tvm_winoq.quant import plan_layer, winograd_conv2d_int
 from tvm_winoq.relax.build import compile_layer
-from tvm_winoq.relax.kernels import KernelSpec, gemm_func
+from tvm_winoq.relax.kernels import GemmShape, KernelSpec, gemm_func, gemm_kernel
 from tvm_winoq.relax.schedules import family_for, schedules_for
 from tvm_winoq.targets import get_preset
 
@@ -106,3 +106,27 @@ def test_kernels_bit_exact_on_this_host(preset: str) -> None:
                 assert np.array_equal(got, ref), f"{preset} {shape} {name}: {np.sum(got != ref)} differ"
             err = np.abs(out["y"] - y.numpy()).max() / np.abs(y.numpy()).max()
             assert err < 1e-5, f"{preset} {shape} y: {err}"
+
+
+def test_gemm_reads_widened_operands(tmp_path: Path) -> None:
+    """The tensorized GEMM works on int16 copies (``vq_wide`` per tile block, ``uq_wide`` packed once):
+    each tile's channel pair is one ``vpbroadcastd`` from memory, no shuffle in the loop."""
+    plan, x = _plan(*SHAPES[0])
+    target = get_preset("host-avx2").tvm_target()
+    spec = KernelSpec.from_plan(plan, tuple(x.shape))
+    mod = tvm.IRModule({"winoq_gemm": gemm_func(spec).with_attr("global_symbol", "winoq_gemm")
+                        .with_attr("winoq.kernel", "gemm")})
+    fam = schedules_for(target)
+    assert fam.widen_gemm(mod["winoq_gemm"]) is not None
+    mod = fam.schedule_winoq_kernels(mod, target)
+    script = mod["winoq_gemm"].script()
+    assert 'sblock("vq_wide")' in script and 'sblock("uq_wide")' in script
+    lib = tmp_path / "gemm.so"
+    tvm.compile(mod, target=target).export_library(str(lib))
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                         check=True).stdout
+    assert re.search(r"vpbroadcastd\s+(-?0x[0-9a-f]+)?\(%", asm), "no broadcast from memory"
+    # a kernel that is not exactly the generator's plain gemm (here: one already widened) is refused
+    shape = GemmShape(spec.positions, spec.tiles, spec.in_channels, spec.out_channels, spec.gemm_group,
+                      spec.gemm_groups, spec.sv_shape[2], spec.v.group, spec.v.dtype)
+    assert fam.widen_gemm(gemm_kernel(shape, widen=True).with_attr("winoq.kernel", "gemm")) is None

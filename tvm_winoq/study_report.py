@@ -146,9 +146,17 @@ def summary_lines(res: dict) -> list[str]:
     nan = float("nan")
     if direct and auto:
         a, d = auto.get(metric, nan), direct.get(metric, nan)
+        counts: dict[str, int] = {}
+        for c in auto.get("choices", {}).values():
+            counts[c] = counts.get(c, 0) + 1
+        chosen = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
         out.append(f"- Shipped default ({auto['method'][9:]}): {metric} {a:.2f} vs int8 direct {d:.2f} "
                    f"({a - d:+.2f}); "
-                   f"{auto['winograd_mac_share']:.0f}% of the eligible MACs run as F(4,3)/F(6,3).")
+                   f"{auto['winograd_mac_share']:.0f}% of the eligible MACs run as F(4,3)/F(6,3) ({chosen}).")
+        b = auto.get("budget")
+        if b:
+            out.append(f"  Its tile choice reached {b['model_db']:.2f} dB end-to-end output SQNR on the "
+                       f"calibration images (target {b['target_db']:.2f}, all-direct {b['direct_db']:.2f}).")
     comp = _row(res, "compiled (TVM host)")
     if comp and auto:
         out.append(f"- Compiled TVM module of the default: {metric} {comp.get(metric, nan):.2f} "

@@ -79,13 +79,15 @@ def lower(
     With ``schedule=False`` everything stays naive TIR (the module ``winoq tune`` extracts tasks from).
     A ``database`` (:class:`tvm_winoq.tune.TuneLog`) is applied to the fused module first: its tuned
     PrimFuncs (attribute ``winoq.tuned``) win over the hand schedules, which schedule the rest.
+    Families with a ``prepack_gemm`` hook get the constant ``U`` of every GEMM that is not tuned packed
+    at compile time (:class:`.prepack.PrepackGemmWeights`).
     """
     from .schedules import schedules_for
 
     family = schedules_for(target) if schedule else None
     with target:
         if family is not None and database is None:
-            mod = family.schedule_winoq_kernels(mod, target)
+            mod = family.schedule_winoq_kernels(_prepack(mod, family, target), target)
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.LegalizeOps(),
@@ -99,11 +101,20 @@ def lower(
             from ..tune import apply_database
 
             mod = apply_database(mod, target, database)
-            if family is not None:
-                mod = family.schedule_winoq_kernels(mod, target)
+            if family is not None:  # tuned GEMMs keep their kernel (the hook declines scheduled ones)
+                mod = family.schedule_winoq_kernels(_prepack(mod, family, target), target)
         if family is not None:
             mod = family.schedule_other_ops(mod, target)
     return mod
+
+
+def _prepack(mod: tvm.IRModule, family: Any, target: tvm.target.Target) -> tvm.IRModule:
+    """The family's compile-time packing of constant GEMM weights (:mod:`.prepack`), if it has one."""
+    if not hasattr(family, "prepack_gemm"):
+        return mod
+    from .prepack import PrepackGemmWeights
+
+    return PrepackGemmWeights(family.prepack_gemm, target)(mod)
 
 
 def tuned_functions(mod: tvm.IRModule) -> list[str]:

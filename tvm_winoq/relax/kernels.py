@@ -369,18 +369,24 @@ class GemmShape:
     vq_dtype: str
 
 
-def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False) -> tirx.PrimFunc:
+def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: int = 0) -> tirx.PrimFunc:
     """The ``gemm`` PrimFunc of shape ``s`` (see :func:`gemm_func`).
 
     ``widen`` (int8 ``v_q`` only) adds two elementwise stages, ``vq_wide`` and ``uq_wide``, that copy
     ``v_q`` and ``u_q`` to int16 before the reduction reads them (same values, same result): a schedule
     can then place them (a packed int16 ``U`` once per call, a block of ``V`` per register block) so its
     micro-kernel loads operands that need no sign extension (``schedules/x86.py``).
+
+    ``u_pack = cw`` takes ``u_q`` already packed, ``[P, Cp/cw, K, cw]`` (:func:`pack_u`: ``cw`` input
+    channels of one output channel contiguous), as a compile-time constant; with ``widen`` then only
+    ``v_q`` is widened.
     """
     p, t, c, k, gg, ng = s.p, s.t, s.c, s.k, s.gg, s.ng
     cp = gg * ng
     gv, gsv, vq_dt = s.gv, s.gsv, s.vq_dtype
     widen = widen and vq_dt == "int8"
+    cw = u_pack or 1
+    packed = u_pack > 0
 
     @T.macro
     def dequant(sv, su, acc, mf):
@@ -405,8 +411,28 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False) -> tirx.
                     * T.Cast("int32", ua[v0, v3 * gg + v4, v2]))
 
     @T.macro
+    def reduce_packed(va, ua, acc):
+        for i0, i1, i2, i3, i4 in T.grid(p, t, k, ng, gg):
+            with T.sblock("gemm_acc"):
+                v0, v1, v2, v3, v4 = T.axis.remap("SSSSR", [i0, i1, i2, i3, i4])
+                with T.init():
+                    acc[v0, v1, v2, v3] = 0
+                acc[v0, v1, v2, v3] = acc[v0, v1, v2, v3] + (
+                    T.Cast("int32", va[v0, v1, _clamp_index(v3 * gg + v4, c, cp)])
+                    * T.Cast("int32", ua[v0, (v3 * gg + v4) // cw, v2, (v3 * gg + v4) % cw]))
+
+    @T.macro
     def body(vq, sv, uq, su, acc, mf):
-        if widen:
+        if packed and widen:
+            vw = T.sblock_alloc_buffer((p, t, c), "int16")
+            for i0, i1, i2 in T.grid(p, t, c):
+                with T.sblock("vq_wide"):
+                    v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                    vw[v0, v1, v2] = T.Cast("int16", vq[v0, v1, v2])
+            reduce_packed(vw, uq, acc)
+        elif packed:
+            reduce_packed(vq, uq, acc)
+        elif widen:
             vw = T.sblock_alloc_buffer((p, t, c), "int16")
             uw = T.sblock_alloc_buffer((p, cp, k), "int16")
             for i0, i1, i2 in T.grid(p, t, c):
@@ -422,10 +448,11 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False) -> tirx.
             reduce(vq, uq, acc)
         dequant(sv, su, acc, mf)
 
+    u_shape = (p, cp // cw, k, cw) if packed else (p, cp, k)
     if debug:
         @T.prim_func(s_tir=True, private=True)
         def winoq_gemm_debug(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
-                             uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
+                             uq: T.Buffer(u_shape, "int8"), su: T.Buffer((p, ng, k), "float32"),
                              acc: T.Buffer((p, t, k, ng), "int32"), mf: T.Buffer((p, t, k), "float32")):
             T.func_attr({"tirx.noalias": True})
             body(vq, sv, uq, su, acc, mf)
@@ -434,13 +461,21 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False) -> tirx.
 
     @T.prim_func(s_tir=True, private=True)
     def winoq_gemm(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
-                   uq: T.Buffer((p, cp, k), "int8"), su: T.Buffer((p, ng, k), "float32"),
+                   uq: T.Buffer(u_shape, "int8"), su: T.Buffer((p, ng, k), "float32"),
                    mf: T.Buffer((p, t, k), "float32")):
         T.func_attr({"tirx.noalias": True})
         acc = T.sblock_alloc_buffer((p, t, k, ng), "int32")
         body(vq, sv, uq, su, acc, mf)
 
     return winoq_gemm
+
+
+def pack_u(u_q: np.ndarray, cw: int) -> np.ndarray:
+    """``u_q`` ``[P, Cp, K]`` -> ``[P, Cp/cw, K, cw]`` (the layout of ``gemm_kernel(..., u_pack=cw)``)."""
+    p, cp, k = u_q.shape
+    if cp % cw:
+        raise ValueError(f"pack_u: {cp} channels are not a multiple of {cw}")
+    return np.ascontiguousarray(u_q.reshape(p, cp // cw, cw, k).transpose(0, 1, 3, 2))
 
 
 def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:

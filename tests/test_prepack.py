@@ -1,0 +1,63 @@
+"""PrepackGemmWeights: the GEMM's constant U packed at compile time (x86 family), same results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from tvm_winoq.config import default_config
+from tvm_winoq.convert import quantize_model
+from tvm_winoq.relax.build import compile_model, lower, prepare_module
+from tvm_winoq.relax.kernels import pack_u
+from tvm_winoq.relax.prepack import PrepackGemmWeights
+
+pytestmark = pytest.mark.tvm
+
+TARGET = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 1}
+
+
+def _model(c: int = 32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(c, c, 3, padding=1)).eval()
+
+
+def test_pack_u_layout() -> None:
+    u = np.arange(2 * 6 * 3, dtype=np.int8).reshape(2, 6, 3)  # P, Cp, K
+    p = pack_u(u, 2)
+    assert p.shape == (2, 3, 3, 2) and p.flags.c_contiguous
+    for c in range(6):
+        assert np.array_equal(p[:, c // 2, :, c % 2], u[:, c, :])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_u(u, 4)
+
+
+def test_declining_hook_changes_nothing() -> None:
+    m, x = _model(), torch.randn(1, 32, 9, 9)
+    mod, _, _ = prepare_module(m, x, default_config(4))
+    seen: list[str] = []
+
+    def hook(func, target):
+        seen.append(str(func.attrs["winoq.kernel"]))
+        return None
+
+    out = PrepackGemmWeights(hook, None)(mod)
+    tvm.ir.assert_structural_equal(out, mod)
+    assert seen == ["gemm"]  # asked once per gemm kernel (both convs share one), never for others
+
+
+@pytest.mark.parametrize(("c", "hw", "tile"), [(32, 9, 4), (64, 7, 6)])
+def test_x86_model_uses_prepacked_gemm_and_matches_reference(c: int, hw: int, tile: int) -> None:
+    m, x = _model(c), torch.randn(1, c, hw, hw)
+    cfg = default_config(tile)
+    mod, _, _ = prepare_module(m, x, cfg)
+    low = lower(mod, tvm.target.Target(TARGET))
+    gemms = [gv.name_hint for gv in low.functions.keys() if "gemm" in gv.name_hint]
+    assert gemms and all(n.endswith("_prepacked") for n in gemms), gemms
+    y = compile_model(m, x, cfg, target=TARGET).runner()(x)
+    qm, _ = quantize_model(m, cfg, None)
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()

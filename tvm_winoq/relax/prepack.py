@@ -1,0 +1,98 @@
+"""Relax pass: pack the Winograd GEMM's constant ``U`` at compile time, in the layout a family's kernel reads.
+
+A schedule family may export ``prepack_gemm(func, target) -> (kernel, cw) | None`` (``schedules/x86.py``
+does). For every ``R.call_tir(winoq_gemm_*, (v_q, s_v, U_q, s_U), ...)`` whose ``U_q`` is a constant and
+whose kernel the family accepts, the call is rewritten to the family's kernel (added once per kernel,
+as ``<name>_prepacked``) on ``pack_u(U_q, cw)``, computed here with NumPy::
+
+    mf = R.call_tir(winoq_gemm_*, (vq, sv, U_q, s_U), m_f)
+    # becomes
+    mf = R.call_tir(winoq_gemm_*_prepacked, (vq, sv, pack_u(U_q, cw), s_U), m_f)
+
+so the module no longer repacks all of ``U`` on every call. Kernels the family declines, and families
+without the hook, are left unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tvm
+from tvm import relax
+
+from .kernels import pack_u
+
+__all__ = ["PrepackGemmWeights"]
+
+Hook = Callable[[tvm.tirx.PrimFunc, Any], "tuple[tvm.tirx.PrimFunc, int] | None"]
+
+
+@relax.expr_functor.mutator
+class _Prepacker(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, hook: Hook, target: Any) -> None:
+        super().__init__(mod)
+        self.mod_, self.hook, self.target = mod, hook, target
+        self.kernels: dict[str, tuple[relax.GlobalVar, int] | None] = {}
+        self.count = 0
+
+    def _kernel(self, gv: relax.GlobalVar) -> tuple[relax.GlobalVar, int] | None:
+        name = gv.name_hint
+        if name not in self.kernels:
+            func = self.mod_[gv]
+            attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None else {}
+            got = self.hook(func, self.target) if attrs.get("winoq.kernel") == "gemm" else None
+            self.kernels[name] = None if got is None else (
+                self.builder_.add_func(got[0], f"{name}_prepacked"), got[1])
+        return self.kernels[name]
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+            return call
+        gv, args = call.args[0], call.args[1]
+        if not isinstance(args, relax.Tuple) or len(args.fields) != 4:
+            return call
+        u = args.fields[2]
+        if not isinstance(u, tvm.ir.Constant):
+            return call
+        kernel = self._kernel(gv)
+        if kernel is None:
+            return call
+        new_gv, cw = kernel
+        fields = list(args.fields)
+        fields[2] = relax.const(pack_u(u.value.numpy(), cw))
+        self.count += 1
+        return relax.call_tir(new_gv, fields, call.ty_args[0])
+
+
+@tvm.transform.module_pass(opt_level=0, name="PrepackGemmWeights")
+class PrepackGemmWeights:
+    """Rewrite constant-``U`` GEMM calls to the family's prepacked kernels (see the module docstring).
+
+    Parameters
+    ----------
+    hook : callable
+        The family's ``prepack_gemm(func, target)``.
+    target : tvm.target.Target
+        Passed to ``hook``.
+
+    Attributes
+    ----------
+    count : int
+        GEMM calls rewritten by the last run.
+    """
+
+    def __init__(self, hook: Hook, target: Any) -> None:
+        self.hook, self.target = hook, target
+        self.count = 0
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        """Rewrite every Relax function of ``mod`` (the pass entry point)."""
+        rw = _Prepacker(mod, self.hook, self.target)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        self.count = rw.count
+        out = rw.builder_.get()
+        return relax.transform.DeadCodeElimination()(out)
