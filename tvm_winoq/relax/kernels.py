@@ -399,6 +399,9 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                     T.Cast("float32", acc[v0, v1, v2, v3]),
                     sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
 
+    def u_at(ua: tirx.Buffer, pp: tirx.PrimExpr, cc: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+        return ua[pp, cc // cw, kk, cc % cw] if packed else ua[pp, cc, kk]
+
     @T.macro
     def reduce(va, ua, acc):
         for i0, i1, i2, i3, i4 in T.grid(p, t, k, ng, gg):
@@ -408,18 +411,7 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                     acc[v0, v1, v2, v3] = 0
                 acc[v0, v1, v2, v3] = acc[v0, v1, v2, v3] + (
                     T.Cast("int32", va[v0, v1, _clamp_index(v3 * gg + v4, c, cp)])
-                    * T.Cast("int32", ua[v0, v3 * gg + v4, v2]))
-
-    @T.macro
-    def reduce_packed(va, ua, acc):
-        for i0, i1, i2, i3, i4 in T.grid(p, t, k, ng, gg):
-            with T.sblock("gemm_acc"):
-                v0, v1, v2, v3, v4 = T.axis.remap("SSSSR", [i0, i1, i2, i3, i4])
-                with T.init():
-                    acc[v0, v1, v2, v3] = 0
-                acc[v0, v1, v2, v3] = acc[v0, v1, v2, v3] + (
-                    T.Cast("int32", va[v0, v1, _clamp_index(v3 * gg + v4, c, cp)])
-                    * T.Cast("int32", ua[v0, (v3 * gg + v4) // cw, v2, (v3 * gg + v4) % cw]))
+                    * T.Cast("int32", u_at(ua, v0, v3 * gg + v4, v2)))
 
     @T.macro
     def body(vq, sv, uq, su, acc, mf):
@@ -429,9 +421,9 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                 with T.sblock("vq_wide"):
                     v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
                     vw[v0, v1, v2] = T.Cast("int16", vq[v0, v1, v2])
-            reduce_packed(vw, uq, acc)
+            reduce(vw, uq, acc)
         elif packed:
-            reduce_packed(vq, uq, acc)
+            reduce(vq, uq, acc)
         elif widen:
             vw = T.sblock_alloc_buffer((p, t, c), "int16")
             uw = T.sblock_alloc_buffer((p, cp, k), "int16")
