@@ -161,11 +161,10 @@ def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.P
     Packing per call reads and writes all of ``U`` (36 x C x K bytes for F(4,3)) on every call: at 512@7
     (4 tiles) that is most of the GEMM's time.
     """
-    lanes = gemm_lanes(target)
-    if len(func.params) != 5 or len(func.params[2].shape) != 3 or not _fits(_cpu.gemm_shape(func), lanes):
+    if len(func.params) != 5 or len(func.params[2].shape) != 3:
         return None
-    shape = _plain_shape(func)
-    if shape is None:
+    shape = _plain_shape(func)  # None for anything but our plain kernel, e.g. a tuned (scheduled) one
+    if shape is None or not _fits(_cpu.gemm_shape(func), gemm_lanes(target)):
         return None
     packed = gemm_kernel(shape, widen=True, u_pack=2)
     for key, value in (func.attrs or {}).items():

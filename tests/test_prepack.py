@@ -61,3 +61,20 @@ def test_x86_model_uses_prepacked_gemm_and_matches_reference(c: int, hw: int, ti
     with torch.no_grad():
         ref = qm(x).numpy()
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_x86_hook_declines_scheduled_gemm() -> None:
+    """A GEMM that already has a schedule (e.g. from a tune log) keeps its own kernel."""
+    from tvm.s_tir import Schedule
+
+    from tvm_winoq.relax.schedules import schedules_for
+
+    m, x = _model(), torch.randn(1, 32, 9, 9)
+    mod, _, _ = prepare_module(m, x, default_config(4))
+    target = tvm.target.Target(TARGET)
+    fam = schedules_for(target)
+    gemm = next(f for gv, f in mod.functions.items() if "gemm" in gv.name_hint)
+    assert fam.prepack_gemm(gemm, target) is not None
+    sch = Schedule(gemm)
+    sch.decompose_reduction(sch.get_sblock("gemm_acc"), sch.get_loops(sch.get_sblock("gemm_acc"))[-1])
+    assert fam.prepack_gemm(sch.mod["main"].with_attrs(gemm.attrs), target) is None
