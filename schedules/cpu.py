@@ -171,7 +171,7 @@ def gemm_shape(func: tirx.PrimFunc) -> dict[str, int]:
 
 def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
                          micro: Callable[[Schedule, Any, list], None],
-                         acc_layout: Callable[..., tuple] | None = None, wide: bool = False) -> tirx.PrimFunc:
+                         acc_layout: Callable[..., tuple] | None = None) -> tirx.PrimFunc:
     """The ``gemm`` kernel with a tensorized integer reduction (the ``arm`` and ``x86`` families).
 
     ``u_q`` ``[P, Cp, K]`` is repacked once per call into ``[P, Cp/cw, K, cw]`` (``cw`` input channels
@@ -181,8 +181,8 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     an output, a ``cache_write`` with the copy-out per group).  ``micro(sch, acc, loops)`` tensorizes the
     reduction of one group; ``loops`` = (unit loops..., tiles, channels, reduction).  The fma
     dequantization over groups is scheduled as in :func:`schedule_gemm` (``g`` serial, in order).
-    With ``wide`` (a kernel with the int16 ``vq_wide``/``uq_wide`` stages of
-    :func:`~tvm_winoq.relax.kernels.gemm_kernel`) the packed ``U`` is ``uq_wide``'s int16 buffer; a
+    In a kernel with the int16 ``vq_wide``/``uq_wide`` stages of
+    :func:`~tvm_winoq.relax.kernels.gemm_kernel` the packed ``U`` is ``uq_wide``'s int16 buffer; a
     ``u_q`` parameter that is already ``[P, Cp/cw, K, cw]`` (packed at compile time) is read as it is.
     A ``vq_wide`` stage is computed per register block of tiles (all channels), where the micro-kernel
     reads it.
@@ -192,6 +192,7 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     acc = sch.get_sblock("gemm_acc")
     dq = sch.get_sblock("gemm_dequant")
     if len(func.params[2].shape) == 3:  # else u_q arrives packed (a constant packed at compile time)
+        wide = _has_block(sch, "uq_wide")
         pack = sch.get_sblock("uq_wide") if wide else sch.cache_read(acc, "uq", "global")
         sch.transform_layout(pack, ("write", 0), lambda p, c, k: (p, c // cw, k, c % cw))
         pp, pc, pk = sch.get_loops(pack)

@@ -137,15 +137,13 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
     tt = _cpu._divisor(s["t"], (4, 7, 5, 6, 3, 2))
     kk = 2 * lanes if s["k"] % (2 * lanes) == 0 else lanes
     if len(func.params[2].shape) == 4:  # prepacked int8 U, int16 V
-        intrin, wide = PMADDWD16x8_INTRIN[lanes], False
+        intrin = PMADDWD16x8_INTRIN[lanes]
     else:
         widened = widen_gemm(func)
-        wide = widened is not None
-        func = widened if wide else func
-        intrin = (PMADDWD16_INTRIN if wide else PMADDWD_INTRIN)[lanes]
+        intrin = (PMADDWD_INTRIN if widened is None else PMADDWD16_INTRIN)[lanes]
+        func = widened or func
     return _cpu.schedule_packed_gemm(func, 2, tt, kk,
-                                     lambda sch, acc, loops: _microkernel(sch, acc, loops, lanes, intrin),
-                                     wide=wide)
+                                     lambda sch, acc, loops: _microkernel(sch, acc, loops, lanes, intrin))
 
 
 def _fits(s: dict[str, int], lanes: int) -> bool:
@@ -166,10 +164,7 @@ def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.P
     shape = _plain_shape(func)  # None for anything but our plain kernel, e.g. a tuned (scheduled) one
     if shape is None or not _fits(_cpu.gemm_shape(func), gemm_lanes(target)):
         return None
-    packed = gemm_kernel(shape, widen=True, u_pack=2)
-    for key, value in (func.attrs or {}).items():
-        packed = packed.with_attr(key, value)
-    return packed, 2
+    return _with_attrs_of(gemm_kernel(shape, widen=True, u_pack=2), func), 2
 
 
 def _v_scale_group(func: tirx.PrimFunc) -> int | None:
@@ -203,9 +198,7 @@ def _plain_shape(func: tirx.PrimFunc) -> GemmShape | None:
     sv, vq = func.params[1], func.params[0]
     shape = GemmShape(s["p"], s["t"], s["c"], s["k"], s["gg"], s["ng"], int(sv.shape[2]), gsv,
                       str(vq.dtype))
-    plain = gemm_kernel(shape, len(func.params) == 6)
-    for key, value in (func.attrs or {}).items():
-        plain = plain.with_attr(key, value)
+    plain = _with_attrs_of(gemm_kernel(shape, len(func.params) == 6), func)
     return shape if tvm_ffi.structural_equal(plain, func) else None
 
 
@@ -215,10 +208,12 @@ def widen_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     shape = _plain_shape(func)
     if shape is None:
         return None
-    wide = gemm_kernel(shape, len(func.params) == 6, widen=True)
-    for key, value in (func.attrs or {}).items():
-        wide = wide.with_attr(key, value)
-    return wide
+    return _with_attrs_of(gemm_kernel(shape, len(func.params) == 6, widen=True), func)
+
+
+def _with_attrs_of(new: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``new`` carrying ``func``'s attributes (kernel kind, op pattern, ...)."""
+    return new.with_attrs(func.attrs) if func.attrs is not None else new
 
 
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

@@ -65,6 +65,8 @@ class StudySettings:
             raise ConfigError(f"groups: must be positive group sizes, got {self.groups}")
         if self.images < 1 or self.size < 16:
             raise ConfigError(f"images >= 1 and size >= 16 required, got {self.images}, {self.size}")
+        for b in self.budgets_db:
+            Budget(b, self.max_loss_db)  # validates (one ConfigError naming the field)
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.test_limit is not None and self.test_limit < 1:

@@ -34,7 +34,6 @@ class _Prepacker(relax.PyExprMutator):
         super().__init__(mod)
         self.mod_, self.hook, self.target = mod, hook, target
         self.kernels: dict[str, tuple[relax.GlobalVar, int] | None] = {}
-        self.count = 0
 
     def _kernel(self, gv: relax.GlobalVar) -> tuple[relax.GlobalVar, int] | None:
         name = gv.name_hint
@@ -62,7 +61,6 @@ class _Prepacker(relax.PyExprMutator):
         new_gv, cw = kernel
         fields = list(args.fields)
         fields[2] = relax.const(pack_u(u.value.numpy(), cw))
-        self.count += 1
         return relax.call_tir(new_gv, fields, call.ty_args[0])
 
 
@@ -76,16 +74,10 @@ class PrepackGemmWeights:
         The family's ``prepack_gemm(func, target)``.
     target : tvm.target.Target
         Passed to ``hook``.
-
-    Attributes
-    ----------
-    count : int
-        GEMM calls rewritten by the last run.
     """
 
     def __init__(self, hook: Hook, target: Any) -> None:
         self.hook, self.target = hook, target
-        self.count = 0
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         """Rewrite every Relax function of ``mod`` (the pass entry point)."""
@@ -93,6 +85,5 @@ class PrepackGemmWeights:
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rw.builder_.update_func(gv, rw.visit_expr(func))
-        self.count = rw.count
         out = rw.builder_.get()
         return relax.transform.DeadCodeElimination()(out)
