@@ -313,20 +313,22 @@ def ncnn_int8(winograd: str | None) -> Factory:
 
 
 def set_preset(name: str) -> None:
-    """Build our rows for target preset ``name`` (raises ``TargetError`` naming the presets if unknown)."""
-    from tvm_winoq.targets import get_preset
+    """Build our rows for target preset ``name``, ``best`` = ``host_preset(best=True)`` (raises
+    ``TargetError`` naming the presets if unknown)."""
+    from tvm_winoq.targets import get_preset, host_preset
 
-    get_preset(name)
-    _STATE["preset"] = name
+    _STATE["preset"] = get_preset(host_preset(best=True).name if name == "best" else name).name
 
 
-def tvm_winoq(tile: int, group: int = 32) -> Factory:
+def tvm_winoq(tile: int, group: int = 32, best: bool = False) -> Factory:
     """Ours: ``tvm_winoq.relax.build.compile_model`` on one ``nn.Conv2d``, the shipped default config
     (``default_config(tile, group)``: group-wise V, M per output channel).
 
-    Built once per (tile, shape, weights) for the target preset of :func:`set_preset`; threads via TVM's
-    pool.  Scales are learned data-free for the layer (200 SGD steps on Gaussian inputs, as ``winoq
-    compile`` does).
+    Built once per (tile, shape, weights) for the target preset of :func:`set_preset`, or with ``best``
+    for ``host_preset(best=True)`` (e.g. ``x86-avx512-vnni``, ``vpdpwssd``), the preset that uses the
+    same ISA as the peers' int8 kernels (ONNX Runtime picks VNNI at run time); that row is skipped where
+    it would be the same preset.  Threads via TVM's pool.  Scales are learned data-free for the layer
+    (200 SGD steps on Gaussian inputs, as ``winoq compile`` does).
     Any import/build problem of the module makes the row skipped.
     """
 
@@ -341,8 +343,15 @@ def tvm_winoq(tile: int, group: int = 32) -> Factory:
             from tvm_winoq.targets import get_preset
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"tvm_winoq.relax.build not usable: {type(e).__name__}: {e}") from e
+        from tvm_winoq.targets import host_preset
+
+        preset = _STATE["preset"]
+        if best:
+            preset = host_preset(best=True).name
+            if get_preset(preset) == get_preset(_STATE["preset"]):
+                raise Unavailable(f"the best host preset is the run's preset ({preset})")
         cache = _STATE["tvm"]
-        key = (tile, group, _STATE["preset"], x.shape, hash(w.tobytes()), hash(b.tobytes()))
+        key = (tile, group, preset, x.shape, hash(w.tobytes()), hash(b.tobytes()))
         if key not in cache:
             conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
             with torch.no_grad():
@@ -354,7 +363,7 @@ def tvm_winoq(tile: int, group: int = 32) -> Factory:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 cm = compile_model(torch.nn.Sequential(conv).eval(), torch.from_numpy(x), cfg,
-                                   target=get_preset(_STATE["preset"]).tvm_target(), scales=scales)
+                                   target=get_preset(preset).tvm_target(), scales=scales)
             if not any(r.rewritten for r in cm.records):
                 raise Unavailable(f"the conv was not rewritten to Winograd: {cm.records}")
             while len(cache) >= 4:
@@ -387,6 +396,8 @@ register_impl("ours-f4", tvm_winoq(4), min_sqnr_db=WINOGRAD_FLOOR_DB,
               note="tvm_winoq compile_model, default_config(tile=4, group=32), learned scales")
 register_impl("ours-f6", tvm_winoq(6), min_sqnr_db=WINOGRAD_FLOOR_DB,
               note="tvm_winoq compile_model, default_config(tile=6, group=32), learned scales")
+register_impl("ours-f4-best", tvm_winoq(4, best=True), min_sqnr_db=WINOGRAD_FLOOR_DB,
+              note="as ours-f4, for host_preset(best=True) (x86-avx512-vnni on a VNNI CPU)")
 
 
 # ------------------------------------------------------------------------------------------- timing

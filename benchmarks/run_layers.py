@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=15.0, help="seconds of timed rounds per shape x threads")
     ap.add_argument("--gap", type=float, default=2e-3, help="sleep before each sample, seconds")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preset", default="host", help="target preset of our rows (default: host = host-avx2)")
+    ap.add_argument("--preset", default="host",
+                    help="target preset of our rows (host = host-avx2; best: the best one for this CPU)")
     ap.add_argument("--spin", action="store_true", help="keep the runtimes' default spin-waiting threads")
     ap.add_argument("--time-invalid", action="store_true", help="also time rows that fail the SQNR check")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any row is invalid or errored")

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["resnet18", "diffusion_unet"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--tile", type=int, choices=(2, 4, 6), default=4)
-    ap.add_argument("--preset", default="host")
+    ap.add_argument("--preset", default="host", help="host (= host-avx2) or best (for this CPU)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per model x threads")
     ap.add_argument("--steps", type=int, default=200, help="finetuning steps of our scales")

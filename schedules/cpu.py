@@ -19,26 +19,21 @@ kernels produce the same bits as the naive ones (checked by ``tests/test_kernels
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
+from tvm_winoq.relax.schedules import load_module
+
 __all__ = ["gemm_shape", "schedule_direct", "schedule_gemm", "schedule_input", "schedule_other_ops",
            "schedule_output", "schedule_kernels_with_gemm", "schedule_packed_gemm",
            "schedule_winoq_kernels"]
 
-_SCHEDULED = "tirx.is_scheduled"
-
-
-def _extent(sch: Schedule, loop: object) -> int:
-    return int(sch.get(loop).extent)
-
-
-def _divisor(n: int, candidates: tuple[int, ...]) -> int:
-    """The first candidate dividing ``n`` (1 if none)."""
-    return next((c for c in candidates if n % c == 0), 1)
+_ops: ModuleType = load_module("cpu_ops")
+_SCHEDULED, _extent, _divisor, _has_block = _ops.SCHEDULED, _ops.extent, _ops.divisor, _ops.has_block
 
 
 def _vectorize(sch: Schedule, loop: object, lanes: int = 16) -> None:
@@ -52,12 +47,25 @@ def _vectorize(sch: Schedule, loop: object, lanes: int = 16) -> None:
         sch.vectorize(sch.split(loop, [None, v])[1])
 
 
-def _has_block(sch: Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:  # noqa: BLE001 - tvm raises a ScheduleError subclass
-        return False
-    return True
+def _scale_group(sch: Schedule, block: object, scale: str) -> int:
+    """Channels per scale in ``block``: ``g`` of its ``scale[..., c // g]`` read (1 if it has none)."""
+    for region in sch.get(block).reads:
+        last = region.region[-1].min
+        divides = isinstance(last, tirx.FloorDiv) and isinstance(last.b, tirx.IntImm)
+        if region.source.name == scale and divides:
+            return int(last.b)
+    return 1
+
+
+def _vectorize_in_groups(sch: Schedule, loop: object, group: int, lanes: int = 16) -> None:
+    """Vectorize a channel ``loop`` whose scales change every ``group`` channels: vectors never cross
+    a group, so the scale is one broadcast per vector (else a gather of one scale per lane)."""
+    ext = _extent(sch, loop)
+    if group <= 1 or ext % group or group % 4:
+        _vectorize(sch, loop, lanes)
+        return
+    _, inner = sch.split(loop, [None, group])
+    _vectorize(sch, inner, lanes)
 
 
 def _absmax_rfactor(sch: Schedule, name: str) -> None:
@@ -108,8 +116,17 @@ def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     # quantize + pad + NCHW->NHWC: parallel over padded rows, channels vectorized
     q = sch.get_sblock("x_quant")
     n, h, w, c = sch.get_loops(q)
-    sch.parallel(sch.fuse(n, h))
-    _vectorize(sch, c)
+    row = sch.fuse(n, h)
+    sch.parallel(row)
+    # The channel vector gathers from C planes H*W*4 bytes apart: at 16 KB (64x64) every plane's line
+    # maps to the same L1 set, so a pass over all C channels per pixel thrashes L1 (9 cycles per
+    # element at 320@64).  8 channels per pass along the row keep their 8 lines resident.
+    if _extent(sch, c) > 8 and _extent(sch, c) % 8 == 0:
+        co, ci = sch.split(c, [None, 8])
+        sch.reorder(co, w, ci)
+        sch.vectorize(ci)
+    else:
+        _vectorize(sch, c)
     # per tile (parallel): row transform, column transform, V absmax, V scale, V quantization
     t = sch.get_loops(sch.get_sblock("tf_rows"))[0]
     sch.parallel(t)
@@ -118,7 +135,8 @@ def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
         sch.unroll(i)
         sch.unroll(j)
         _vectorize(sch, ch)
-    _vectorize(sch, sch.get_loops(sch.get_sblock("v_quant"))[-1])
+    vq = sch.get_sblock("v_quant")
+    _vectorize_in_groups(sch, sch.get_loops(vq)[-1], _scale_group(sch, vq, "sv"))
     _vectorize_lanes(sch, "v_absmax_lanes")
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
@@ -265,9 +283,9 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
         sch.reorder(t_, a_, j_, k_)
         sch.unroll(a_)
         sch.unroll(j_)
-        _vectorize(sch, k_)
+        _vectorize_in_groups(sch, k_, _scale_group(sch, blk, "sm"))
     mq = sch.get_sblock("m_quant")
-    _vectorize(sch, sch.get_loops(mq)[-1])
+    _vectorize_in_groups(sch, sch.get_loops(mq)[-1], _scale_group(sch, mq, "sm"))
     _vectorize_lanes(sch, "m_absmax_lanes")
     if len(func.params) != 4:  # debug: M quantization at the root, parallel over positions
         sch.parallel(sch.get_loops(mq)[0])
@@ -337,85 +355,8 @@ def schedule_kernels_with_gemm(mod: tvm.IRModule,
 
 
 # ------------------------------------------------------------------------------- other operators
-def _spatial_reduce_loops(sch: Schedule, blk: object) -> tuple[list, list] | None:
-    """Loops of ``blk`` split into (spatial, reduction), when they map 1:1 to its iter vars in order."""
-    ivs = sch.get(blk).iter_vars
-    loops = sch.get_loops(blk)
-    if len(loops) != len(ivs):
-        return None
-    kinds = [int(iv.iter_type) for iv in ivs]  # 0 = data parallel, 2 = reduction
-    n_sp = kinds.index(2) if 2 in kinds else len(kinds)
-    if any(k != 0 for k in kinds[:n_sp]) or any(k != 2 for k in kinds[n_sp:]):
-        return None
-    return loops[:n_sp], loops[n_sp:]
-
-
-def _schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Parallel/vectorized schedule of a legalized operator (convolution, pooling, elementwise).
-
-    A reduction block gets ``[outer spatial (parallel) | reduction | 4 channels (unrolled) x 8
-    innermost positions (vectorized)]`` register tiles and its elementwise consumers are computed per
-    parallel row; the remaining elementwise loop nests (padding, activations) are fused, parallel and
-    vectorized.  (Inlining the padding would put a condition in the vectorized inner loop.)
-    """
-    sch = Schedule(func)
-    root = sch.get_sblock("root") if _has_block(sch, "root") else None
-    blocks = sch.get_child_blocks(root) if root is not None else []
-    red = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
-    moved: set[str] = set()
-    flat = [sch.get(b).name_hint for b in blocks if not red or not sch.get(b).same_as(sch.get(red[0]))]
-    for r in red[:1]:
-        split = _spatial_reduce_loops(sch, r)
-        if split is None or not split[0]:
-            continue
-        pos = [sch.get(b).same_as(sch.get(r)) for b in blocks].index(True)
-        after = [sch.get(b).name_hint for b in blocks[pos + 1:]]
-        acc = sch.cache_write(r, 0, "local")  # register accumulators
-        sp, rd = split
-        width = _extent(sch, sp[-1])
-        lanes = width if width <= 16 else _divisor(width, (8, 4, 7, 2))
-        wo, wi = sch.split(sp[-1], [None, lanes])
-        outer, ci = sp[:-1], None
-        if len(outer) >= 2 and _extent(sch, outer[1]) % 4 == 0:
-            co, ci = sch.split(outer[1], [None, 4])
-            outer = [outer[0], co, *outer[2:]]
-        sch.reorder(*outer, wo, *rd, *([ci] if ci is not None else []), wi)
-        row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(row)
-        if ci is not None:
-            sch.unroll(ci)
-        if lanes > 1:
-            sch.vectorize(wi)
-        if rd:
-            sch.decompose_reduction(r, rd[0])
-        sch.reverse_compute_at(acc, wo)
-        for name in after:  # the elementwise epilogue, per parallel row
-            try:
-                b = sch.get_sblock(name)
-                sch.reverse_compute_at(b, row)
-                inner_c = sch.get_loops(b)[-1]
-                if _extent(sch, inner_c) % 8 == 0:
-                    sch.vectorize(sch.split(inner_c, [None, 8])[1])
-                moved.add(name)
-            except Exception:  # noqa: BLE001 - stays a separate loop nest
-                pass
-    for name in flat:  # the other loop nests at the root (padding, elementwise): parallel, vectorized
-        if name in moved:
-            continue
-        b = sch.get_sblock(name)
-        split = _spatial_reduce_loops(sch, b)
-        if split is None or split[1] or len(split[0]) < 2:
-            continue
-        *out, inner = split[0]
-        sch.parallel(sch.fuse(*out) if len(out) > 1 else out[0])
-        lanes = _divisor(_extent(sch, inner), (16, 8, 4))
-        if lanes > 1:
-            sch.vectorize(sch.split(inner, [None, lanes])[1])
-    return sch.mod["main"].with_attr(_SCHEDULED, True)
-
-
 def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule the remaining (legalized) PrimFuncs: :func:`_schedule_generic` first, then dlight's CPU
+    """Schedule the remaining (legalized) PrimFuncs: ``cpu_ops.schedule_generic`` first, then dlight's CPU
     rules (GEMV, Reduction) for whatever the generic schedule could not handle.
 
     dlight's CPU ``Reduction`` rule alone would also claim convolutions, recomputing the padded input
@@ -428,7 +369,7 @@ def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
         if func.attrs is not None and (_SCHEDULED in func.attrs or "winoq.kernel" in func.attrs):
             return func
         try:
-            return _schedule_generic(func)
+            return _ops.schedule_generic(func)
         except Exception:  # noqa: BLE001 - a failed schedule keeps the (correct) naive function
             return func
 

@@ -166,7 +166,7 @@ class CompiledModel:
         """Run in this process (no export)."""
         dev = device or tvm.cpu()
         params = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in self.params.values()]
-        return LoadedModel(relax.VirtualMachine(self.executable, dev), self.input_shape, params)
+        return LoadedModel(relax.VirtualMachine(self.executable, dev), self.input_shape, params, dev)
 
 
 @dataclass
@@ -176,20 +176,40 @@ class LoadedModel:
     vm: relax.VirtualMachine
     input_shape: tuple[int, ...]
     params: list[tvm.runtime.Tensor] = field(default_factory=list)
+    device: tvm.runtime.Device = field(default_factory=tvm.cpu)
+    _input: tvm.runtime.Tensor | None = field(default=None, init=False, repr=False)
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Run ``main`` on ``x``; the result is a NumPy view of the output tensor (no copy).
+
+        The input goes into one tensor allocated on the first call (a fresh tensor per call, and a
+        copy of the output, cost 0.3 ms at 64@56 and 6 ms at 320@64: page faults on new memory)."""
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if tuple(arr.shape) != tuple(self.input_shape):
             raise ModelError(f"input shape {arr.shape} != compiled shape {tuple(self.input_shape)}")
-        out = self.vm["main"](tvm.runtime.tensor(arr), *self.params)
-        return out.numpy() if hasattr(out, "numpy") else np.asarray(out[0].numpy())
+        if self._input is None:
+            self._input = tvm.runtime.empty(arr.shape, "float32", self.device)
+        self._input.copyfrom(arr)
+        out = self.vm["main"](self._input, *self.params)
+        out = out if hasattr(out, "numpy") else out[0]
+        if any(out.same_as(t) for t in (self._input, *self.params)):  # main returned an argument
+            return out.numpy()
+        return _to_numpy(out)
 
     def time(self, x: np.ndarray, repeat: int = 10) -> float:
         """Median seconds per call of ``main`` (VM ``time_evaluator``)."""
-        self.vm.set_input("main", tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32)), *self.params)
-        te = self.vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.vm.set_input("main", tvm.runtime.tensor(x, self.device), *self.params)
+        te = self.vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat)
         return float(np.median(te("main").results))
+
+
+def _to_numpy(t: tvm.runtime.Tensor) -> np.ndarray:
+    """A host tensor as a NumPy array sharing its memory (DLPack); a copy for device tensors."""
+    if t.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+        return np.from_dlpack(t)
+    return t.numpy()
 
 
 def compile_model(

@@ -28,21 +28,30 @@ from ..paths import schedules_dir
 
 
 @cache
-def load_family(family: str) -> ModuleType:
-    """Import ``schedules/<family>.py`` (cached) as module ``winoq_schedules.<family>``."""
-    path = schedules_dir() / f"{family}.py"
+def load_module(name: str) -> ModuleType:
+    """Import ``schedules/<name>.py`` (cached) as module ``winoq_schedules.<name>``: a family, or a
+    helper module that families share (``cpu_ops``)."""
+    path = schedules_dir() / f"{name}.py"
     if not path.is_file():
-        raise TargetError(f"no schedule family {family!r} (expected {path})")
-    name = f"winoq_schedules.{family}"
-    spec = importlib.util.spec_from_file_location(name, path)
+        raise TargetError(f"no schedule module {name!r} (expected {path})")
+    full = f"winoq_schedules.{name}"
+    spec = importlib.util.spec_from_file_location(full, path)
     if spec is None or spec.loader is None:  # pragma: no cover - importlib contract
         raise TargetError(f"cannot load schedules from {path}")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[full] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def load_family(family: str) -> ModuleType:
+    """Import the schedule family ``schedules/<family>.py`` (cached), checking it has both entry points."""
+    if not (schedules_dir() / f"{family}.py").is_file():
+        raise TargetError(f"no schedule family {family!r} (expected {schedules_dir() / f'{family}.py'})")
+    module = load_module(family)
     for fn in ("schedule_winoq_kernels", "schedule_other_ops"):
         if not callable(getattr(module, fn, None)):
-            raise TargetError(f"{path} does not define {fn}(mod, target)")
+            raise TargetError(f"{module.__file__} does not define {fn}(mod, target)")
     return module
 
 

@@ -1,0 +1,169 @@
+"""CPU schedules of the operators that are not our Winograd kernels (shared by the CPU families).
+
+* :func:`schedule_conv2d_nchw`: dense NCHW float convolutions (the stem, stride-2 and 1x1 convs that
+  stay float): output channels vectorized, the weights of one output-channel block transposed once
+  per block into ``[C, R, S, lanes]`` (contiguous vectors; OIHW gathers them), a register tile of
+  output pixels x channel vectors, input values broadcast.
+* :func:`schedule_generic`: any other reduction (pooling, matmul, grouped convs) as
+  ``[parallel | reduction | 4 x 8 register tile]``; elementwise nests parallel and vectorized.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+__all__ = ["SCHEDULED", "divisor", "extent", "has_block", "schedule_conv2d_nchw", "schedule_generic"]
+
+SCHEDULED = "tirx.is_scheduled"
+
+
+def extent(sch: Schedule, loop: object) -> int:
+    """Static extent of ``loop``."""
+    return int(sch.get(loop).extent)
+
+
+def divisor(n: int, candidates: tuple[int, ...]) -> int:
+    """The first candidate dividing ``n`` (1 if none)."""
+    return next((c for c in candidates if n % c == 0), 1)
+
+
+def has_block(sch: Schedule, name: str) -> bool:
+    """Whether ``sch`` has a block called ``name``."""
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - tvm raises a ScheduleError subclass
+        return False
+    return True
+
+
+def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8) -> object | None:
+    """Register-tile a legalized ``conv2d_nchw`` block vectorized over output channels.
+
+    Loops ``[n, f, y, x | rc, ry, rx]`` become ``[(n, f / (v*lanes)) parallel, y, x / tw | rc, ry, rx |
+    tw unrolled, v unrolled, lanes vectorized]``: ``tw`` output pixels x ``v`` vectors of ``lanes``
+    output channels of accumulators (``tw * v <= 12``), each input value one broadcast.  The weight
+    block of a parallel iteration is copied to ``[C, R, S, v*lanes]`` first.  Returns the parallel
+    loop, or ``None`` (nothing changed) when the block is not a plain 7-loop NCHW convolution or its
+    output channels are not a multiple of ``lanes``.  Summation order differs from the naive loop
+    (float rounding), as in any tiled convolution.
+    """
+    if sch.get(blk).name_hint != "conv2d_nchw" or len(sch.get_loops(blk)) != 7:
+        return None
+    reads = sch.get(blk).reads
+    if len(reads) != 2 or len(reads[1].region) != 4:
+        return None
+    n, f, y, x, rc, ry, rx = sch.get_loops(blk)
+    k, ow = extent(sch, f), extent(sch, x)
+    if k % lanes:
+        return None
+    # the largest tile of tw pixels x v channel vectors within 12 accumulators (of 16 ymm registers)
+    v, tw = max(((vv, t) for vv in (2, 1) if k % (vv * lanes) == 0 for t in range(1, 8)
+                 if ow % t == 0 and vv * t <= 12), key=lambda p: (p[0] * p[1], p[0]))
+    acc = sch.cache_write(blk, 0, "local")
+    fo, fv, fl = sch.split(f, [None, v, lanes])
+    xo, xi = sch.split(x, [None, tw])
+    sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fv, fl)
+    row = sch.fuse(n, fo)
+    sch.parallel(row)
+    wc = sch.cache_read(blk, 1, "global")
+    sch.compute_at(wc, row)
+    sch.transform_layout(wc, ("write", 0), lambda a, b, c, d: (b, c, d, a))
+    sch.unroll(xi)
+    sch.unroll(fv)
+    sch.vectorize(fl)
+    sch.decompose_reduction(blk, rc)
+    sch.vectorize(sch.get_loops(sch.get_sblock("conv2d_nchw_init"))[-1])
+    sch.reverse_compute_at(acc, xo)
+    return row
+
+
+def _tile_reduction(sch: Schedule, r: object) -> object | None:
+    """``[outer spatial (parallel) | reduction | 4 channels (unrolled) x 8 innermost positions
+    (vectorized)]`` register tiles for reduction block ``r``; returns the parallel loop."""
+    split = _spatial_reduce_loops(sch, r)
+    if split is None or not split[0]:
+        return None
+    acc = sch.cache_write(r, 0, "local")  # register accumulators
+    sp, rd = split
+    width = extent(sch, sp[-1])
+    lanes = width if width <= 16 else divisor(width, (8, 4, 7, 2))
+    wo, wi = sch.split(sp[-1], [None, lanes])
+    outer, ci = sp[:-1], None
+    if len(outer) >= 2 and extent(sch, outer[1]) % 4 == 0:
+        co, ci = sch.split(outer[1], [None, 4])
+        outer = [outer[0], co, *outer[2:]]
+    sch.reorder(*outer, wo, *rd, *([ci] if ci is not None else []), wi)
+    row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(row)
+    if ci is not None:
+        sch.unroll(ci)
+    if lanes > 1:
+        sch.vectorize(wi)
+    if rd:
+        sch.decompose_reduction(r, rd[0])
+    sch.reverse_compute_at(acc, wo)
+    return row
+
+
+def _spatial_reduce_loops(sch: Schedule, blk: object) -> tuple[list, list] | None:
+    """Loops of ``blk`` split into (spatial, reduction), when they map 1:1 to its iter vars in order."""
+    ivs = sch.get(blk).iter_vars
+    loops = sch.get_loops(blk)
+    if len(loops) != len(ivs):
+        return None
+    kinds = [int(iv.iter_type) for iv in ivs]  # 0 = data parallel, 2 = reduction
+    n_sp = kinds.index(2) if 2 in kinds else len(kinds)
+    if any(k != 0 for k in kinds[:n_sp]) or any(k != 2 for k in kinds[n_sp:]):
+        return None
+    return loops[:n_sp], loops[n_sp:]
+
+
+def schedule_generic(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc:
+    """Parallel/vectorized schedule of a legalized operator (convolution, pooling, elementwise).
+
+    A reduction block gets ``[outer spatial (parallel) | reduction | 4 channels (unrolled) x 8
+    innermost positions (vectorized)]`` register tiles and its elementwise consumers are computed per
+    parallel row; the remaining elementwise loop nests (padding, activations) are fused, parallel and
+    vectorized.  (Inlining the padding would put a condition in the vectorized inner loop.)
+    Dense NCHW convolutions get :func:`schedule_conv2d_nchw` instead (``lanes`` float32 lanes).
+    """
+    sch = Schedule(func)
+    root = sch.get_sblock("root") if has_block(sch, "root") else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    red = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
+    moved: set[str] = set()
+    flat = [sch.get(b).name_hint for b in blocks if not red or not sch.get(b).same_as(sch.get(red[0]))]
+    for r in red[:1]:
+        pos = [sch.get(b).same_as(sch.get(r)) for b in blocks].index(True)
+        after = [sch.get(b).name_hint for b in blocks[pos + 1:]]
+        row = schedule_conv2d_nchw(sch, r, lanes)
+        if row is None:
+            row = _tile_reduction(sch, r)
+        if row is None:
+            continue
+        for name in after:  # the elementwise epilogue, per parallel row
+            try:
+                b = sch.get_sblock(name)
+                sch.reverse_compute_at(b, row)
+                inner_c = sch.get_loops(b)[-1]
+                if extent(sch, inner_c) % 8 == 0:
+                    sch.vectorize(sch.split(inner_c, [None, 8])[1])
+                moved.add(name)
+            except Exception:  # noqa: BLE001 - stays a separate loop nest
+                pass
+    for name in flat:  # the other loop nests at the root (padding, elementwise): parallel, vectorized
+        if name in moved:
+            continue
+        b = sch.get_sblock(name)
+        split = _spatial_reduce_loops(sch, b)
+        if split is None or split[1] or len(split[0]) < 2:
+            continue
+        *out, inner = split[0]
+        sch.parallel(sch.fuse(*out) if len(out) > 1 else out[0])
+        vec = divisor(extent(sch, inner), (16, 8, 4))
+        if vec > 1:
+            sch.vectorize(sch.split(inner, [None, vec])[1])
+    return sch.mod["main"].with_attr(SCHEDULED, True)
+
+

@@ -1,0 +1,112 @@
+"""CPU family schedules of the operators around our kernels, and what makes the kernels' loops vectorize.
+
+* ``cpu_ops.schedule_conv2d_nchw``: the float convolutions that stay float (stem, stride 2, 1x1) are
+  vectorized over output channels with their weight block transposed per parallel iteration; checked
+  structurally (the loop nest) and numerically against PyTorch, with the fallback for channel counts
+  that are not a multiple of the vector width;
+* ``tirx.nearbyint`` (our quantizer's rounding) is vectorizable, so quantization loops stay vector
+  loops through ``VectorizeLoop`` (upstream scalarizes them);
+* ``LoadedModel`` returns a NumPy view of each call's own output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from tvm_winoq.config import default_config
+from tvm_winoq.relax.build import compile_model, lower, prepare_module
+from tvm_winoq.relax.schedules import load_module
+from tvm_winoq.targets import get_preset
+
+pytestmark = pytest.mark.tvm
+
+TARGET = get_preset("host").tvm_target()
+
+
+def _conv_relu(c: int, k: int, ks: int, stride: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(c, k, ks, stride=stride, padding=ks // 2), torch.nn.ReLU()).eval()
+
+
+def _lowered_conv(model: torch.nn.Module, x: torch.Tensor) -> tvm.tirx.PrimFunc:
+    mod, _, _ = prepare_module(model, x, default_config(tile=4, group=8))
+    lowered = lower(mod, TARGET)
+    (func,) = [f for gv, f in lowered.functions.items() if "conv2d" in gv.name_hint]
+    return func
+
+
+def test_conv2d_nchw_vectorized_over_output_channels():
+    func = _lowered_conv(_conv_relu(8, 16, 3, 2), torch.randn(1, 8, 10, 10))
+    text = func.script()
+    # weights of the block transposed to [C, R, S, 16]; 5 output pixels x 2 x 8 channels of accumulators
+    assert 'param_0_global = T.sblock_alloc_buffer((T.int64(8), T.int64(3), T.int64(3), T.int64(16)))' in text
+    update = text[text.index("for rc, ry, rx"):text.index('T.sblock("conv2d_nchw_update")')]
+    assert "T.unroll(T.int64(5))" in update and "T.unroll(T.int64(2))" in update
+    assert "T.vectorized(T.int64(8))" in update
+
+
+def test_conv2d_nchw_channels_not_a_multiple_of_lanes_keeps_generic_tiling():
+    func = _lowered_conv(_conv_relu(8, 12, 3, 2), torch.randn(1, 8, 10, 10))
+    text = func.script()
+    assert "param_0_global" not in text and "T.parallel" in text
+
+
+@pytest.mark.parametrize("c, k, ks, stride, h", [(3, 16, 7, 2, 30), (16, 32, 3, 2, 14), (16, 32, 1, 2, 14),
+                                                 (8, 12, 3, 2, 9), (24, 16, 3, 1, 7)])
+def test_float_convs_match_pytorch(c, k, ks, stride, h):
+    model = _conv_relu(c, k, ks, stride)
+    x = torch.randn(1, c, h, h)
+    cfg = default_config(tile=4, group=8)
+    y = compile_model(model, x, cfg, target=TARGET, winograd=False).runner()(x)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_nearbyint_is_vectorizable():
+    assert tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable")
+
+
+def test_quantization_loops_stay_vector_loops():
+    """The V quantization of the input kernel reaches codegen as a vector ``nearbyint``."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1)).eval()
+    mod, _, _ = prepare_module(model, torch.randn(1, 32, 12, 12), default_config(tile=4, group=16))
+    lowered = lower(mod, TARGET)
+    (func,) = [f for gv, f in lowered.functions.items() if gv.name_hint.startswith("winoq_input")]
+    seen: list[str] = []
+
+    @tvm.instrument.pass_instrument
+    class AfterVectorize:
+        def run_after_pass(self, mod, info):
+            if info.name.endswith("VectorizeLoop"):
+                seen.append(mod.script())
+
+    with tvm.transform.PassContext(opt_level=3, instruments=[AfterVectorize()]):
+        tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=TARGET)
+    text = seen[0]
+    rounded = [line for line in text.splitlines() if "T.nearbyint" in line]
+    assert rounded and all("T.Ramp" in line for line in rounded)
+
+
+def test_cpu_ops_loads_as_a_helper_module():
+    ops = load_module("cpu_ops")
+    assert callable(ops.schedule_conv2d_nchw) and ops.SCHEDULED == "tirx.is_scheduled"
+
+
+def test_loaded_model_outputs_do_not_alias():
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 8, 8)
+    runner = compile_model(model, x, default_config(tile=4, group=8), target=TARGET).runner()
+    a = runner(x)
+    a_copy = a.copy()
+    b = runner(2 * x)
+    np.testing.assert_array_equal(a, a_copy)  # the second call did not overwrite the first result
+    assert not np.array_equal(a, b)
+    identity = compile_model(torch.nn.Sequential(torch.nn.Identity()).eval(), x, default_config(tile=4, group=8),
+                             target=TARGET).runner()
+    first = identity(x)
+    identity(3 * x)
+    np.testing.assert_array_equal(first, x.numpy())  # not a view of the reused input tensor
