@@ -6,8 +6,8 @@ kernels, other operators, the GEMM's register blocking and its fma dequantizatio
 channel group becomes a micro-kernel over pairs of input channels (a TIR tensor intrinsic registered
 here; nothing for x86 int8 is registered upstream):
 
-* ``u_q`` is packed to ``[P, Cp/2, K, 2]`` (one ``L``-lane operand = ``L`` output channels x 2 input
-  channels, sign-extended on load) at compile time: :func:`prepack_gemm` is this family's hook for
+* ``u_q`` is packed to ``[P, K/kb, Cp/2, kb, 2]`` (one ``L``-lane operand = ``L`` output channels x 2
+  input channels, sign-extended on load; ``kb`` = the register block's channels) at compile time: :func:`prepack_gemm` is this family's hook for
   :class:`tvm_winoq.relax.prepack.PrepackGemmWeights`, which packs the constant with NumPy.  Packing per
   call read and wrote all of ``U`` on every call (most of the GEMM's time at 512@7, 4 tiles).  A GEMM
   whose ``U`` is not a constant is rebuilt by :func:`widen_gemm` to pack ``U`` to int16 once per call;
@@ -135,8 +135,8 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
     if not _fits(s, lanes):
         return _cpu.schedule_gemm(func)
     tt = _cpu._divisor(s["t"], (4, 7, 5, 6, 3, 2))
-    kk = 2 * lanes if s["k"] % (2 * lanes) == 0 else lanes
-    if len(func.params[2].shape) == 4:  # prepacked int8 U, int16 V
+    kk = _k_block(s["k"], lanes)
+    if len(func.params[2].shape) == 5:  # prepacked int8 U (blocks of kk output channels), int16 V
         intrin = PMADDWD16x8_INTRIN[lanes]
     else:
         widened = widen_gemm(func)
@@ -146,15 +146,21 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
                                      lambda sch, acc, loops: _microkernel(sch, acc, loops, lanes, intrin))
 
 
+def _k_block(k: int, lanes: int) -> int:
+    """Output channels per register block: two vectors where ``k`` allows, else one."""
+    return 2 * lanes if k % (2 * lanes) == 0 else lanes
+
+
 def _fits(s: dict[str, int], lanes: int) -> bool:
     """Whether the micro-kernel covers a GEMM of shape ``s`` (:func:`cpu.gemm_shape`)."""
     return bool(lanes) and s["cp"] == s["c"] and s["k"] % lanes == 0 and s["gg"] % 2 == 0 and s["vbits"] == 8
 
 
-def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.PrimFunc, int] | None:
-    """``(kernel, cw)``: ``func`` taking ``u_q`` packed at compile time as ``[P, Cp/2, K, 2]``
-    (:func:`tvm_winoq.relax.kernels.pack_u` with ``cw`` = 2) and widening ``v_q`` per tile block; ``None``
-    where the micro-kernel does not apply (then ``U`` is packed per call, or not at all).
+def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.PrimFunc, int, int] | None:
+    """``(kernel, cw, kb)``: ``func`` taking ``u_q`` packed at compile time as ``[P, K/kb, Cp/2, kb, 2]``
+    (:func:`tvm_winoq.relax.kernels.pack_u` with ``cw`` = 2, ``kb`` = the register block's output
+    channels, so each block's ``U`` is one contiguous stream) and widening ``v_q`` per tile block;
+    ``None`` where the micro-kernel does not apply (then ``U`` is packed per call, or not at all).
 
     Packing per call reads and writes all of ``U`` (36 x C x K bytes for F(4,3)) on every call: at 512@7
     (4 tiles) that is most of the GEMM's time.
@@ -164,7 +170,8 @@ def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.P
     shape = _plain_shape(func)  # None for anything but our plain kernel, e.g. a tuned (scheduled) one
     if shape is None or not _fits(_cpu.gemm_shape(func), gemm_lanes(target)):
         return None
-    return _with_attrs_of(gemm_kernel(shape, widen=True, u_pack=2), func), 2
+    kb = _k_block(shape.k, gemm_lanes(target))
+    return _with_attrs_of(gemm_kernel(shape, widen=True, u_pack=2, u_kblock=kb), func), 2, kb
 
 
 def _v_scale_group(func: tirx.PrimFunc) -> int | None:

@@ -34,6 +34,17 @@ def test_pack_u_layout() -> None:
         pack_u(u, 4)
 
 
+def test_pack_u_blocked_layout() -> None:
+    u = np.arange(2 * 6 * 8, dtype=np.int8).reshape(2, 6, 8)  # P, Cp, K
+    p = pack_u(u, 2, 4)
+    assert p.shape == (2, 2, 3, 4, 2) and p.flags.c_contiguous
+    for c in range(6):
+        for k in range(8):
+            assert np.array_equal(p[:, k // 4, c // 2, k % 4, c % 2], u[:, c, k])
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        pack_u(u, 2, 3)
+
+
 def test_declining_hook_changes_nothing() -> None:
     m, x = _model(), torch.randn(1, 32, 9, 9)
     mod, _, _ = prepare_module(m, x, default_config(4))
@@ -56,6 +67,9 @@ def test_x86_model_uses_prepacked_gemm_and_matches_reference(c: int, hw: int, ti
     low = lower(mod, tvm.target.Target(TARGET))
     gemms = [gv.name_hint for gv in low.functions.keys() if "gemm" in gv.name_hint]
     assert gemms and all(n.endswith("_prepacked") for n in gemms), gemms
+    for name in gemms:  # U in blocks of the register block's 16 output channels: [P, K/16, Cp/2, 16, 2]
+        u = low[name].params[2]
+        assert [int(d) for d in u.shape][1:] == [c // 16, c // 2, 16, 2]
     y = compile_model(m, x, cfg, target=TARGET).runner()(x)
     qm, _ = quantize_model(m, cfg, None)
     with torch.no_grad():

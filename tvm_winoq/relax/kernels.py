@@ -381,7 +381,8 @@ class GemmShape:
     vq_dtype: str
 
 
-def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: int = 0) -> tirx.PrimFunc:
+def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: int = 0,
+                u_kblock: int = 0) -> tirx.PrimFunc:
     """The ``gemm`` PrimFunc of shape ``s`` (see :func:`gemm_func`).
 
     ``widen`` (int8 ``v_q`` only) adds two elementwise stages, ``vq_wide`` and ``uq_wide``, that copy
@@ -391,7 +392,11 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
 
     ``u_pack = cw`` takes ``u_q`` already packed, ``[P, Cp/cw, K, cw]`` (:func:`pack_u`: ``cw`` input
     channels of one output channel contiguous), as a compile-time constant; with ``widen`` then only
-    ``v_q`` is widened.
+    ``v_q`` is widened.  ``u_kblock = kb`` (with ``u_pack``) blocks the output channels too,
+    ``[P, K/kb, Cp/cw, kb, cw]``: the ``U`` of one block of ``kb`` output channels is contiguous, so a
+    schedule that walks a channel block over all input channels streams it (with ``[P, Cp/cw, K, cw]``
+    it touched ``kb * cw`` bytes per ``K * cw``-byte row: at 512@7, where ``U`` is 9.4 MB and read once
+    per call, a new page every few rows).
     """
     p, t, c, k, gg, ng = s.p, s.t, s.c, s.k, s.gg, s.ng
     cp = gg * ng
@@ -399,6 +404,9 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
     widen = widen and vq_dt == "int8"
     cw = u_pack or 1
     packed = u_pack > 0
+    kb = u_kblock if packed and u_kblock else 0
+    if kb and k % kb:
+        raise ValueError(f"gemm_kernel: {k} output channels are not a multiple of the block {kb}")
 
     @T.macro
     def dequant(sv, su, acc, mf):
@@ -412,6 +420,8 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                     sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
 
     def u_at(ua: tirx.Buffer, pp: tirx.PrimExpr, cc: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+        if kb:
+            return ua[pp, kk // kb, cc // cw, kk % kb, cc % cw]
         return ua[pp, cc // cw, kk, cc % cw] if packed else ua[pp, cc, kk]
 
     @T.macro
@@ -452,7 +462,7 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
             reduce(vq, uq, acc)
         dequant(sv, su, acc, mf)
 
-    u_shape = (p, cp // cw, k, cw) if packed else (p, cp, k)
+    u_shape = (p, k // kb, cp // cw, kb, cw) if kb else (p, cp // cw, k, cw) if packed else (p, cp, k)
     if debug:
         @T.prim_func(s_tir=True, private=True)
         def winoq_gemm_debug(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
@@ -474,12 +484,18 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
     return winoq_gemm
 
 
-def pack_u(u_q: np.ndarray, cw: int) -> np.ndarray:
-    """``u_q`` ``[P, Cp, K]`` -> ``[P, Cp/cw, K, cw]`` (the layout of ``gemm_kernel(..., u_pack=cw)``)."""
+def pack_u(u_q: np.ndarray, cw: int, kb: int = 0) -> np.ndarray:
+    """``u_q`` ``[P, Cp, K]`` -> ``[P, Cp/cw, K, cw]``, or with ``kb`` ``[P, K/kb, Cp/cw, kb, cw]`` (the
+    layouts of ``gemm_kernel(..., u_pack=cw, u_kblock=kb)``)."""
     p, cp, k = u_q.shape
     if cp % cw:
         raise ValueError(f"pack_u: {cp} channels are not a multiple of {cw}")
-    return np.ascontiguousarray(u_q.reshape(p, cp // cw, cw, k).transpose(0, 1, 3, 2))
+    if kb and k % kb:
+        raise ValueError(f"pack_u: {k} output channels are not a multiple of {kb}")
+    packed = u_q.reshape(p, cp // cw, cw, k).transpose(0, 1, 3, 2)  # [P, Cp/cw, K, cw]
+    if kb:
+        packed = packed.reshape(p, cp // cw, k // kb, kb, cw).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(packed)
 
 
 def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
