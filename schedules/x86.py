@@ -7,8 +7,9 @@ channel group becomes a micro-kernel over pairs of input channels (a TIR tensor 
 here; nothing for x86 int8 is registered upstream):
 
 * ``u_q`` is packed to ``[P, K/kb, Cp/2, kb, 2]`` (one ``L``-lane operand = ``L`` output channels x 2
-  input channels, sign-extended on load; ``kb`` = the register block's channels) at compile time: :func:`prepack_gemm` is this family's hook for
-  :class:`tvm_winoq.relax.prepack.PrepackGemmWeights`, which packs the constant with NumPy.  Packing per
+  input channels, sign-extended on load; ``kb`` = the register block's channels) at compile time:
+  :func:`prepack_gemm` is this family's hook for :class:`tvm_winoq.relax.prepack.PrepackGemmWeights`,
+  which packs the constant with NumPy.  Packing per
   call read and wrote all of ``U`` on every call (most of the GEMM's time at 512@7, 4 tiles).  A GEMM
   whose ``U`` is not a constant is rebuilt by :func:`widen_gemm` to pack ``U`` to int16 once per call;
 * ``v_q`` is widened to int16 per register block of tiles (all channels, while it is in L1; the

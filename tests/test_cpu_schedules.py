@@ -28,7 +28,8 @@ TARGET = get_preset("host").tvm_target()
 
 def _conv_relu(c: int, k: int, ks: int, stride: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(c, k, ks, stride=stride, padding=ks // 2), torch.nn.ReLU()).eval()
+    conv = torch.nn.Conv2d(c, k, ks, stride=stride, padding=ks // 2)
+    return torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
 
 
 def _lowered_conv(model: torch.nn.Module, x: torch.Tensor) -> tvm.tirx.PrimFunc:
@@ -105,8 +106,8 @@ def test_loaded_model_outputs_do_not_alias():
     b = runner(2 * x)
     np.testing.assert_array_equal(a, a_copy)  # the second call did not overwrite the first result
     assert not np.array_equal(a, b)
-    identity = compile_model(torch.nn.Sequential(torch.nn.Identity()).eval(), x, default_config(tile=4, group=8),
-                             target=TARGET).runner()
+    identity = compile_model(torch.nn.Sequential(torch.nn.Identity()).eval(), x,
+                             default_config(tile=4, group=8), target=TARGET).runner()
     first = identity(x)
     identity(3 * x)
     np.testing.assert_array_equal(first, x.numpy())  # not a view of the reused input tensor
