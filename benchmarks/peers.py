@@ -340,11 +340,9 @@ def tvm_winoq(tile: int, group: int = 32, best: bool = False) -> Factory:
             from tvm_winoq.config import default_config
             from tvm_winoq.finetune import ConvLayer, FinetuneSettings, finetune_scales
             from tvm_winoq.relax.build import compile_model
-            from tvm_winoq.targets import get_preset
+            from tvm_winoq.targets import get_preset, host_preset
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"tvm_winoq.relax.build not usable: {type(e).__name__}: {e}") from e
-        from tvm_winoq.targets import host_preset
-
         preset = _STATE["preset"]
         if best:
             preset = host_preset(best=True).name

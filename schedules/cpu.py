@@ -121,7 +121,8 @@ def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     # The channel vector gathers from C planes H*W*4 bytes apart: at 16 KB (64x64) every plane's line
     # maps to the same L1 set, so a pass over all C channels per pixel thrashes L1 (9 cycles per
     # element at 320@64).  8 channels per pass along the row keep their 8 lines resident.
-    if _extent(sch, c) > 8 and _extent(sch, c) % 8 == 0:
+    channels = _extent(sch, c)
+    if channels > 8 and channels % 8 == 0:
         co, ci = sch.split(c, [None, 8])
         sch.reorder(co, w, ci)
         sch.vectorize(ci)

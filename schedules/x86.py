@@ -137,7 +137,7 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
         return _cpu.schedule_gemm(func)
     tt = _cpu._divisor(s["t"], (4, 7, 5, 6, 3, 2))
     kk = _k_block(s["k"], lanes)
-    if len(func.params[2].shape) == 5:  # prepacked int8 U (blocks of kk output channels), int16 V
+    if len(func.params[2].shape) != 3:  # U packed at compile time (int8, pairs of channels), int16 V
         intrin = PMADDWD16x8_INTRIN[lanes]
     else:
         widened = widen_gemm(func)

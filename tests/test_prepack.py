@@ -92,3 +92,28 @@ def test_x86_hook_declines_scheduled_gemm() -> None:
     sch = Schedule(gemm)
     sch.decompose_reduction(sch.get_sblock("gemm_acc"), sch.get_loops(sch.get_sblock("gemm_acc"))[-1])
     assert fam.prepack_gemm(sch.mod["main"].with_attrs(gemm.attrs), target) is None
+
+
+@pytest.mark.parametrize("kb", [0, 16])
+def test_x86_schedules_both_packed_layouts_bit_exact(kb: int) -> None:
+    """A kernel on ``U`` packed at compile time, blocked by output channels or not, gets the x86
+    micro-kernel and computes the naive kernel's bits."""
+    from tvm_winoq.relax.kernels import GemmShape, gemm_kernel
+    from tvm_winoq.relax.schedules import load_family
+
+    target = tvm.target.Target(TARGET)
+    s = GemmShape(36, 8, 64, 32, 32, 2, 2, 32, "int8")
+    rng = np.random.default_rng(0)
+    vq, uq = (rng.integers(-127, 128, shape).astype("int8") for shape in ((36, 8, 64), (36, 64, 32)))
+    sv, su = rng.random((36, 8, 2)).astype("float32"), rng.random((36, 2, 32)).astype("float32")
+
+    def run(func: tvm.tirx.PrimFunc, u: np.ndarray) -> np.ndarray:
+        lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target)
+        mf = tvm.runtime.tensor(np.zeros((36, 8, 32), "float32"))
+        lib["k"](*(tvm.runtime.tensor(a) for a in (vq, sv, u, su)), mf)
+        return mf.numpy()
+
+    packed = gemm_kernel(s, widen=True, u_pack=2, u_kblock=kb).with_attr("winoq.kernel", "gemm")
+    scheduled = load_family("x86").schedule_gemm(packed, target)
+    assert "tirx.is_scheduled" in scheduled.attrs
+    np.testing.assert_array_equal(run(scheduled, pack_u(uq, 2, kb)), run(gemm_kernel(s), uq))
