@@ -208,7 +208,7 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     reads it.
     """
     sch = Schedule(func)
-    debug = len(func.params) == 6
+    debug = func.params[4].name == "acc"
     acc = sch.get_sblock("gemm_acc")
     dq = sch.get_sblock("gemm_dequant")
     if len(func.params[2].shape) == 3:  # else u_q arrives packed (a constant packed at compile time)
@@ -245,6 +245,8 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
         sch.vectorize(cl[-1])
     if _has_block(sch, "vq_wide"):
         _place_wide_v(sch, None if debug else block_loop)
+    if _has_block(sch, "vq_u8"):  # V shifted to uint8 (a kernel with ``v_offset``): per tile block
+        _place_wide_v(sch, block_loop, "vq_u8")
     micro(sch, acc, loops)
     sch.vectorize(ki)
     sch.unroll(ti)
@@ -253,10 +255,10 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
-def _place_wide_v(sch: Schedule, block_loop: object | None) -> None:
-    """``vq_wide``: per (position, tile block) under ``block_loop`` (debug: at the root, parallel over
-    positions), channels vectorized."""
-    vw = sch.get_sblock("vq_wide")
+def _place_wide_v(sch: Schedule, block_loop: object | None, name: str = "vq_wide") -> None:
+    """``vq_wide`` (or ``name``): per (position, tile block) under ``block_loop`` (debug: at the root,
+    parallel over positions), channels vectorized."""
+    vw = sch.get_sblock(name)
     if block_loop is not None:
         sch.compute_at(vw, block_loop, preserve_unit_loops=True)
     else:

@@ -10,12 +10,16 @@ import tvm
 from tvm_winoq.config import default_config
 from tvm_winoq.convert import quantize_model
 from tvm_winoq.relax.build import compile_model, lower, prepare_module
-from tvm_winoq.relax.kernels import pack_u
+from tvm_winoq.relax.kernels import GemmShape, UPacking, gemm_kernel, pack_u
 from tvm_winoq.relax.prepack import PrepackGemmWeights
+from tvm_winoq.relax.schedules import load_family
+from tvm_winoq.targets import get_preset, host_features
 
 pytestmark = pytest.mark.tvm
 
 TARGET = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 1}
+VNNI = get_preset("x86-avx512-vnni").tvm_target()
+needs_vnni = pytest.mark.skipif("vnni" not in host_features(), reason="this CPU cannot run AVX-512 VNNI code")
 
 
 def _model(c: int = 32) -> torch.nn.Module:
@@ -98,9 +102,6 @@ def test_x86_hook_declines_scheduled_gemm() -> None:
 def test_x86_schedules_both_packed_layouts_bit_exact(kb: int) -> None:
     """A kernel on ``U`` packed at compile time, blocked by output channels or not, gets the x86
     micro-kernel and computes the naive kernel's bits."""
-    from tvm_winoq.relax.kernels import GemmShape, gemm_kernel
-    from tvm_winoq.relax.schedules import load_family
-
     target = tvm.target.Target(TARGET)
     s = GemmShape(36, 8, 64, 32, 32, 2, 2, 32, "int8")
     rng = np.random.default_rng(0)
@@ -117,3 +118,86 @@ def test_x86_schedules_both_packed_layouts_bit_exact(kb: int) -> None:
     scheduled = load_family("x86").schedule_gemm(packed, target)
     assert "tirx.is_scheduled" in scheduled.attrs
     np.testing.assert_array_equal(run(scheduled, pack_u(uq, 2, kb)), run(gemm_kernel(s), uq))
+
+
+def test_upacking_extras_are_group_sums_times_offset() -> None:
+    rng = np.random.default_rng(1)
+    u = rng.integers(-128, 128, (3, 64, 16)).astype("int8")
+    assert UPacking(2, 16).extras(u) == []
+    (uc,) = UPacking(4, 16, 128, 32).extras(u)
+    assert uc.dtype == np.int32 and uc.shape == (3, 2, 16)
+    np.testing.assert_array_equal(uc[:, 1, :], 128 * u[:, 32:, :].astype(np.int32).sum(axis=1))
+    with pytest.raises(ValueError, match="bad packing"):
+        UPacking(4, 16, 128)  # an offset needs the group its sums run over
+    with pytest.raises(ValueError, match="multiple of the group 48"):
+        UPacking(4, 16, 128, 48).extras(u)
+
+
+def test_offset_kernel_rejects_what_it_cannot_compute() -> None:
+    s = GemmShape(4, 8, 64, 32, 32, 2, 2, 32, "int8")
+    with pytest.raises(ValueError, match="v_offset needs"):
+        gemm_kernel(s, v_offset=128)  # U not packed
+    with pytest.raises(ValueError, match="v_offset needs"):
+        gemm_kernel(GemmShape(4, 8, 48, 32, 32, 2, 2, 32, "int8"), u_pack=4, v_offset=128)  # partial group
+
+
+def _gemm_operands(s: GemmShape, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    vq = rng.integers(-128, 128, (s.p, s.t, s.c)).astype("int8")  # the full int8 range, -128 included
+    uq = rng.integers(-128, 128, (s.p, s.c, s.k)).astype("int8")
+    sv, su = rng.random((s.p, s.t, s.gv)), rng.random((s.p, s.ng, s.k))
+    return vq, sv.astype("float32"), uq, su.astype("float32")
+
+
+def _run_gemm(func: tvm.tirx.PrimFunc, target: tvm.target.Target, s: GemmShape,
+              *args: np.ndarray) -> np.ndarray:
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target)
+    mf = tvm.runtime.tensor(np.zeros((s.p, s.t, s.k), "float32"))
+    lib["k"](*(tvm.runtime.tensor(a) for a in args), mf)
+    return mf.numpy()
+
+
+VNNI_SHAPES = [GemmShape(36, 8, 64, 32, 32, 2, 2, 32, "int8"),
+               GemmShape(16, 12, 128, 48, 64, 2, 4, 32, "int8")]
+
+
+@pytest.mark.parametrize("s", VNNI_SHAPES, ids=lambda s: f"c{s.c}_k{s.k}_g{s.gg}")
+def test_vnni_hook_packs_quads_and_emits_vpdpbusd(s: GemmShape) -> None:
+    """On AVX-512 VNNI the hook takes U in quads of input channels plus the offset sums ``u_c``, and the
+    scheduled kernel's loop is ``vpdpbusd`` (compiled on any x86 host)."""
+    fam = load_family("x86")
+    plain = gemm_kernel(s).with_attr("winoq.kernel", "gemm")
+    kernel, packing = fam.prepack_gemm(plain, VNNI)
+    assert packing == UPacking(4, 32 if s.k % 32 == 0 else 16, 128, s.gg)
+    assert [p.name for p in kernel.params] == ["vq", "sv", "uq", "su", "uc", "mf"]
+    lib = tvm.compile(tvm.IRModule({"k": fam.schedule_gemm(kernel, VNNI).with_attr("global_symbol", "k")}),
+                      target=VNNI)
+    asm = (lib.mod if hasattr(lib, "mod") else lib).inspect_source("asm")
+    assert "vpdpbusd" in asm and "vpmulld" not in asm
+    assert fam.prepack_gemm(plain, tvm.target.Target(TARGET))[1] == UPacking(2, 16)  # AVX2: int16 pairs
+
+
+@needs_vnni
+@pytest.mark.parametrize("s", VNNI_SHAPES, ids=lambda s: f"c{s.c}_k{s.k}_g{s.gg}")
+def test_vnni_kernel_bit_exact(s: GemmShape) -> None:
+    """``(v + 128) * u - 128 * sum(u)`` on ``vpdpbusd``: the naive kernel's bits, -128 operands included."""
+    fam = load_family("x86")
+    vq, sv, uq, su = _gemm_operands(s)
+    kernel, packing = fam.prepack_gemm(gemm_kernel(s).with_attr("winoq.kernel", "gemm"), VNNI)
+    got = _run_gemm(fam.schedule_gemm(kernel, VNNI), VNNI, s,
+                    vq, sv, packing.pack(uq), su, *packing.extras(uq))
+    np.testing.assert_array_equal(got, _run_gemm(gemm_kernel(s), VNNI, s, vq, sv, uq, su))
+
+
+@needs_vnni
+def test_vnni_model_matches_reference() -> None:
+    m, x = _model(64), torch.randn(1, 64, 12, 12)
+    cfg = default_config(4)
+    low = lower(prepare_module(m, x, cfg)[0], VNNI)
+    gemms = [gv.name_hint for gv in low.functions.keys() if "gemm" in gv.name_hint]
+    assert gemms and all(n.endswith("_prepacked") and len(low[n].params) == 6 for n in gemms), gemms
+    y = compile_model(m, x, cfg, target=VNNI).runner()(x)
+    qm, _ = quantize_model(m, cfg, None)
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()

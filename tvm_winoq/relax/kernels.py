@@ -37,8 +37,8 @@ from ..quant.ops import n_groups
 from ..quant.plan import WinogradLayerPlan
 from ..winograd.tiling import TileGeometry, geometry
 
-__all__ = ["GroupQuant", "KernelSpec", "gemm_func", "input_func", "input_quant_macro", "layer_constants",
-           "output_func"]
+__all__ = ["GroupQuant", "KernelSpec", "UPacking", "gemm_func", "input_func", "input_quant_macro",
+           "layer_constants", "output_func", "pack_u"]
 
 
 @dataclass(frozen=True)
@@ -382,7 +382,7 @@ class GemmShape:
 
 
 def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: int = 0,
-                u_kblock: int = 0) -> tirx.PrimFunc:
+                u_kblock: int = 0, v_offset: int = 0) -> tirx.PrimFunc:
     """The ``gemm`` PrimFunc of shape ``s`` (see :func:`gemm_func`).
 
     ``widen`` (int8 ``v_q`` only) adds two elementwise stages, ``vq_wide`` and ``uq_wide``, that copy
@@ -397,6 +397,12 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
     schedule that walks a channel block over all input channels streams it (with ``[P, Cp/cw, K, cw]``
     it touched ``kb * cw`` bytes per ``K * cw``-byte row: at 512@7, where ``U`` is 9.4 MB and read once
     per call, a new page every few rows).
+
+    ``v_offset = o`` (with ``u_pack``, int8 ``v_q``, no partial channel group, not ``debug``) is for an
+    unsigned x signed micro-kernel such as ``vpdpbusd``: a ``vq_u8`` stage shifts ``v_q`` to ``uint8``
+    ``v + o``, the reduction sums ``(v + o) * u``, and the kernel takes one more constant after ``s_u``,
+    ``u_c`` [P, Gg, K] int32 = ``o`` x the sum of ``u`` over each channel group (:meth:`UPacking.
+    extras`), so the dequantization reads ``acc - u_c``: the same integers.
     """
     p, t, c, k, gg, ng = s.p, s.t, s.c, s.k, s.gg, s.ng
     cp = gg * ng
@@ -407,6 +413,10 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
     kb = u_kblock if packed and u_kblock else 0
     if kb and k % kb:
         raise ValueError(f"gemm_kernel: {k} output channels are not a multiple of the block {kb}")
+    if v_offset and not (packed and vq_dt == "int8" and cp == c and not debug and not widen):
+        raise ValueError("gemm_kernel: v_offset needs a packed U, int8 v_q, whole channel groups, no "
+                         "widening and no debug outputs")
+    offset = bool(v_offset)
 
     @T.macro
     def dequant(sv, su, acc, mf):
@@ -417,6 +427,17 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                     mf[v0, v1, v2] = T.float32(0)
                 mf[v0, v1, v2] = T.fma(
                     T.Cast("float32", acc[v0, v1, v2, v3]),
+                    sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
+
+    @T.macro
+    def dequant_offset(sv, su, acc, uc, mf):
+        for i0, i1, i2, i3 in T.grid(p, t, k, ng):
+            with T.sblock("gemm_dequant"):
+                v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])
+                with T.init():
+                    mf[v0, v1, v2] = T.float32(0)
+                mf[v0, v1, v2] = T.fma(
+                    T.Cast("float32", acc[v0, v1, v2, v3] - uc[v0, v3, v2]),
                     sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
 
     def u_at(ua: tirx.Buffer, pp: tirx.PrimExpr, cc: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -436,31 +457,34 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                     * T.Cast("int32", u_at(ua, v0, v3 * gg + v4, v2)))
 
     @T.macro
-    def body(vq, sv, uq, su, acc, mf):
-        if packed and widen:
-            vw = T.sblock_alloc_buffer((p, t, c), "int16")
+    def body(vq, sv, uq, su, acc, mf, uc):
+        if offset:
+            vu = T.sblock_alloc_buffer((p, t, c), "uint8")
             for i0, i1, i2 in T.grid(p, t, c):
-                with T.sblock("vq_wide"):
+                with T.sblock("vq_u8"):
                     v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                    vw[v0, v1, v2] = T.Cast("int16", vq[v0, v1, v2])
-            reduce(vw, uq, acc)
-        elif packed:
-            reduce(vq, uq, acc)
-        elif widen:
-            vw = T.sblock_alloc_buffer((p, t, c), "int16")
-            uw = T.sblock_alloc_buffer((p, cp, k), "int16")
-            for i0, i1, i2 in T.grid(p, t, c):
-                with T.sblock("vq_wide"):
-                    v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                    vw[v0, v1, v2] = T.Cast("int16", vq[v0, v1, v2])
-            for i0, i1, i2 in T.grid(p, cp, k):
-                with T.sblock("uq_wide"):
-                    v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                    uw[v0, v1, v2] = T.Cast("int16", uq[v0, v1, v2])
-            reduce(vw, uw, acc)
+                    vu[v0, v1, v2] = T.Cast("uint8", T.Cast("int16", vq[v0, v1, v2]) + T.int16(v_offset))
+            reduce(vu, uq, acc)
+            dequant_offset(sv, su, acc, uc, mf)
         else:
-            reduce(vq, uq, acc)
-        dequant(sv, su, acc, mf)
+            if widen:
+                vw = T.sblock_alloc_buffer((p, t, c), "int16")
+                for i0, i1, i2 in T.grid(p, t, c):
+                    with T.sblock("vq_wide"):
+                        v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                        vw[v0, v1, v2] = T.Cast("int16", vq[v0, v1, v2])
+                if packed:
+                    reduce(vw, uq, acc)
+                else:
+                    uw = T.sblock_alloc_buffer((p, cp, k), "int16")
+                    for i0, i1, i2 in T.grid(p, cp, k):
+                        with T.sblock("uq_wide"):
+                            v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                            uw[v0, v1, v2] = T.Cast("int16", uq[v0, v1, v2])
+                    reduce(vw, uw, acc)
+            else:
+                reduce(vq, uq, acc)
+            dequant(sv, su, acc, mf)
 
     u_shape = (p, k // kb, cp // cw, kb, cw) if kb else (p, cp // cw, k, cw) if packed else (p, cp, k)
     if debug:
@@ -469,9 +493,20 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                              uq: T.Buffer(u_shape, "int8"), su: T.Buffer((p, ng, k), "float32"),
                              acc: T.Buffer((p, t, k, ng), "int32"), mf: T.Buffer((p, t, k), "float32")):
             T.func_attr({"tirx.noalias": True})
-            body(vq, sv, uq, su, acc, mf)
+            body(vq, sv, uq, su, acc, mf, None)
 
         return winoq_gemm_debug
+
+    if offset:
+        @T.prim_func(s_tir=True, private=True)
+        def winoq_gemm_offset(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
+                              uq: T.Buffer(u_shape, "int8"), su: T.Buffer((p, ng, k), "float32"),
+                              uc: T.Buffer((p, ng, k), "int32"), mf: T.Buffer((p, t, k), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            acc = T.sblock_alloc_buffer((p, t, k, ng), "int32")
+            body(vq, sv, uq, su, acc, mf, uc)
+
+        return winoq_gemm_offset
 
     @T.prim_func(s_tir=True, private=True)
     def winoq_gemm(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
@@ -479,7 +514,7 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                    mf: T.Buffer((p, t, k), "float32")):
         T.func_attr({"tirx.noalias": True})
         acc = T.sblock_alloc_buffer((p, t, k, ng), "int32")
-        body(vq, sv, uq, su, acc, mf)
+        body(vq, sv, uq, su, acc, mf, None)
 
     return winoq_gemm
 
@@ -496,6 +531,38 @@ def pack_u(u_q: np.ndarray, cw: int, kb: int = 0) -> np.ndarray:
     if kb:
         packed = packed.reshape(p, cp // cw, k // kb, kb, cw).transpose(0, 2, 1, 3, 4)
     return np.ascontiguousarray(packed)
+
+
+@dataclass(frozen=True)
+class UPacking:
+    """How a prepacked GEMM kernel takes its constant ``u_q``: packed by :func:`pack_u` (``cw``, ``kb``)
+    and, with ``v_offset`` (``gemm_kernel(..., v_offset=...)``), followed by the constant ``u_c`` of
+    channel groups of ``group``."""
+
+    cw: int
+    kb: int = 0
+    v_offset: int = 0
+    group: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cw < 1 or self.kb < 0 or not 0 <= self.v_offset <= 255 or (self.v_offset and self.group < 1):
+            raise ValueError(f"UPacking: bad packing {self}")
+
+    def pack(self, u_q: np.ndarray) -> np.ndarray:
+        """``u_q`` ``[P, Cp, K]`` in this layout (:func:`pack_u`)."""
+        return pack_u(u_q, self.cw, self.kb)
+
+    def extras(self, u_q: np.ndarray) -> list[np.ndarray]:
+        """The constants the kernel takes after ``s_u``: with ``v_offset``, ``u_c`` [P, Gg, K] int32 =
+        ``v_offset`` x the sum of ``u_q`` over each ``group`` input channels; else none."""
+        if not self.v_offset:
+            return []
+        p, cp, k = u_q.shape
+        group = self.group
+        if cp % group:
+            raise ValueError(f"UPacking: {cp} channels are not a multiple of the group {group}")
+        sums = u_q.astype(np.int64).reshape(p, cp // group, group, k).sum(axis=2) * self.v_offset
+        return [np.ascontiguousarray(sums.astype(np.int32))]
 
 
 def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:

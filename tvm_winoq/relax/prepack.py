@@ -1,13 +1,14 @@
 """Relax pass: pack the Winograd GEMM's constant ``U`` at compile time, in the layout a family's kernel reads.
 
-A schedule family may export ``prepack_gemm(func, target) -> (kernel, cw, kb) | None``
+A schedule family may export ``prepack_gemm(func, target) -> (kernel, UPacking) | None``
 (``schedules/x86.py`` does). For every ``R.call_tir(winoq_gemm_*, (v_q, s_v, U_q, s_U), ...)`` whose
 ``U_q`` is a constant and whose kernel the family accepts, the call is rewritten to the family's kernel
-(added once per kernel, as ``<name>_prepacked``) on ``pack_u(U_q, cw, kb)``, computed here with NumPy::
+(added once per kernel, as ``<name>_prepacked``) on ``U_q`` packed as the hook's
+:class:`~.kernels.UPacking` says (plus the constants it adds), computed here with NumPy::
 
     mf = R.call_tir(winoq_gemm_*, (vq, sv, U_q, s_U), m_f)
     # becomes
-    mf = R.call_tir(winoq_gemm_*_prepacked, (vq, sv, pack_u(U_q, cw, kb), s_U), m_f)
+    mf = R.call_tir(winoq_gemm_*_prepacked, (vq, sv, packing.pack(U_q), s_U, *packing.extras(U_q)), m_f)
 
 so the module no longer repacks all of ``U`` on every call. Kernels the family declines, and families
 without the hook, are left unchanged.
@@ -21,11 +22,11 @@ from typing import Any
 import tvm
 from tvm import relax
 
-from .kernels import pack_u
+from .kernels import UPacking
 
 __all__ = ["PrepackGemmWeights"]
 
-Hook = Callable[[tvm.tirx.PrimFunc, Any], "tuple[tvm.tirx.PrimFunc, int, int] | None"]
+Hook = Callable[[tvm.tirx.PrimFunc, Any], "tuple[tvm.tirx.PrimFunc, UPacking] | None"]
 
 
 @relax.expr_functor.mutator
@@ -33,16 +34,16 @@ class _Prepacker(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, hook: Hook, target: Any) -> None:
         super().__init__(mod)
         self.mod_, self.hook, self.target = mod, hook, target
-        self.kernels: dict[str, tuple[relax.GlobalVar, int, int] | None] = {}
+        self.kernels: dict[str, tuple[relax.GlobalVar, UPacking] | None] = {}
 
-    def _kernel(self, gv: relax.GlobalVar) -> tuple[relax.GlobalVar, int, int] | None:
+    def _kernel(self, gv: relax.GlobalVar) -> tuple[relax.GlobalVar, UPacking] | None:
         name = gv.name_hint
         if name not in self.kernels:
             func = self.mod_[gv]
             attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None else {}
             got = self.hook(func, self.target) if attrs.get("winoq.kernel") == "gemm" else None
             self.kernels[name] = None if got is None else (
-                self.builder_.add_func(got[0], f"{name}_prepacked"), *got[1:])
+                self.builder_.add_func(got[0], f"{name}_prepacked"), got[1])
         return self.kernels[name]
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
@@ -58,9 +59,11 @@ class _Prepacker(relax.PyExprMutator):
         kernel = self._kernel(gv)
         if kernel is None:
             return call
-        new_gv, cw, kb = kernel
+        new_gv, packing = kernel
         fields = list(args.fields)
-        fields[2] = relax.const(pack_u(u.value.numpy(), cw, kb))
+        u_q = u.value.numpy()
+        fields[2] = relax.const(packing.pack(u_q))
+        fields += [relax.const(e) for e in packing.extras(u_q)]
         return relax.call_tir(new_gv, fields, call.ty_args[0])
 
 
