@@ -37,6 +37,7 @@ cover (a partial last channel group, odd group sizes, ``K`` not a multiple of ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import tvm
@@ -63,8 +64,40 @@ _LLVM_DPBUSD = {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd
 V_OFFSET = 128  # the VNNI kernels' unsigned V: v + 128
 
 
+def _dot_intrin(lanes: int, width: int, a_dtype: str, b_dtype: str,
+                value: Callable[[tirx.Buffer, tirx.Buffer, tirx.Buffer], tirx.PrimExpr],
+                ) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """(description, implementation) of ``C[i] += sum_j A[j] * B[i, j]`` for ``lanes`` int32 rows,
+    ``j < width``; the implementation stores ``value(A, B, C)`` (one ``lanes``-wide vector) to ``C``."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (width,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, width), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:width], B[0:lanes, 0:width])
+            T.writes(C[0:lanes])
+            for i, j in T.grid(lanes, width):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + T.Cast("int32", A[vj]) * T.Cast("int32", B[vi, vj])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (width,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, width), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:width], B[0:lanes, 0:width])
+            T.writes(C[0:lanes])
+            C[T.ramp(0, 1, lanes)] = value(A, B, C)
+
+    return desc, impl
+
+
 def _intrin(lanes: int, a_dtype: str = "int8", b_dtype: str = "int8") -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    """(description, implementation) of ``C[i] += sum_j A[j] * B[i, j]`` for ``lanes`` rows, j < 2.
+    """``vpmaddwd`` + ``vpaddd``: ``j < 2``.
 
     Operand dtypes ``int8`` (sign-extended on load) or ``int16`` (loaded as they are: an int16 ``A``
     pair is one 32-bit broadcast from memory, no shuffle)."""
@@ -80,68 +113,26 @@ def _intrin(lanes: int, a_dtype: str = "int8", b_dtype: str = "int8") -> tuple[t
             return B.vload([0, 0], wide)
         return T.Cast(wide, B.vload([0, 0], f"int8x{2 * lanes}"))
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (2,), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 2), b_dtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
-            T.writes(C[0:lanes])
-            for i, j in T.grid(lanes, 2):
-                with T.sblock("update"):
-                    vi, vj = T.axis.remap("SR", [i, j])
-                    C[vi] = C[vi] + T.Cast("int32", A[vj]) * T.Cast("int32", B[vi, vj])
+    def value(A: tirx.Buffer, B: tirx.Buffer, C: tirx.Buffer) -> tirx.PrimExpr:
+        return C.vload([0], f"int32x{lanes}") + T.call_llvm_pure_intrin(
+            f"int32x{lanes}", llvm, T.reinterpret(wide, T.broadcast(a_pair(A), lanes)), b_rows(B))
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (2,), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 2), b_dtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
-            T.writes(C[0:lanes])
-            C[T.ramp(0, 1, lanes)] = C.vload([0], f"int32x{lanes}") + T.call_llvm_pure_intrin(
-                f"int32x{lanes}", llvm, T.reinterpret(wide, T.broadcast(a_pair(A), lanes)), b_rows(B))
-
-    return desc, impl
+    return _dot_intrin(lanes, 2, a_dtype, b_dtype, value)
 
 
 def _dpbusd_intrin(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    """(description, implementation) of ``C[i] += sum_j A[j] * B[i, j]``, ``j < 4``, ``A`` uint8, ``B``
-    int8: one ``vpdpbusd`` (the 4 bytes of ``A`` broadcast to every lane; products of a u8 and an s8
-    summed in 4s into int32 lanes, exactly, no saturation).  LLVM >= 21 types the multiplicands
-    ``<4L x i8>`` (upstream TVM's ``dot_16x4_vnni`` still passes ``<L x i32>`` and fails LLVM's
-    verifier with TVM 0.27's LLVM 22)."""
+    """``vpdpbusd``: ``j < 4``, ``A`` uint8, ``B`` int8 (the 4 bytes of ``A`` broadcast to every lane;
+    products of a u8 and an s8 summed in 4s into int32 lanes, exactly, no saturation).  LLVM >= 21
+    types the multiplicands ``<4L x i8>`` (upstream TVM's ``dot_16x4_vnni`` still passes ``<L x i32>``
+    and fails LLVM's verifier with TVM 0.27's LLVM 22)."""
     bytes_ = f"int8x{4 * lanes}"
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i, j in T.grid(lanes, 4):
-                with T.sblock("update"):
-                    vi, vj = T.axis.remap("SR", [i, j])
-                    C[vi] = C[vi] + T.Cast("int32", A[vj]) * T.Cast("int32", B[vi, vj])
+    def value(A: tirx.Buffer, B: tirx.Buffer, C: tirx.Buffer) -> tirx.PrimExpr:
+        a = T.reinterpret(bytes_, T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), lanes))
+        return T.call_llvm_pure_intrin(f"int32x{lanes}", _LLVM_DPBUSD[lanes], C.vload([0], f"int32x{lanes}"),
+                                       a, B.vload([0, 0], bytes_))
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            C[T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
-                f"int32x{lanes}", _LLVM_DPBUSD[lanes], C.vload([0], f"int32x{lanes}"),
-                T.reinterpret(bytes_, T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), lanes)),
-                B.vload([0, 0], bytes_))
-
-    return desc, impl
+    return _dot_intrin(lanes, 4, "uint8", "int8", value)
 
 
 for _lanes in PMADDWD_INTRIN:

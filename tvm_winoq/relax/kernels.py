@@ -418,26 +418,19 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                          "widening and no debug outputs")
     offset = bool(v_offset)
 
-    @T.macro
-    def dequant(sv, su, acc, mf):
-        for i0, i1, i2, i3 in T.grid(p, t, k, ng):
-            with T.sblock("gemm_dequant"):
-                v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])
-                with T.init():
-                    mf[v0, v1, v2] = T.float32(0)
-                mf[v0, v1, v2] = T.fma(
-                    T.Cast("float32", acc[v0, v1, v2, v3]),
-                    sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
+    def acc_at(acc: tirx.Buffer, uc: tirx.Buffer | None, pp: tirx.PrimExpr, tt: tirx.PrimExpr,
+               kk: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
+        return acc[pp, tt, kk, g] if uc is None else acc[pp, tt, kk, g] - uc[pp, g, kk]
 
     @T.macro
-    def dequant_offset(sv, su, acc, uc, mf):
+    def dequant(sv, su, acc, uc, mf):
         for i0, i1, i2, i3 in T.grid(p, t, k, ng):
             with T.sblock("gemm_dequant"):
                 v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])
                 with T.init():
                     mf[v0, v1, v2] = T.float32(0)
                 mf[v0, v1, v2] = T.fma(
-                    T.Cast("float32", acc[v0, v1, v2, v3] - uc[v0, v3, v2]),
+                    T.Cast("float32", acc_at(acc, uc, v0, v1, v2, v3)),
                     sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
 
     def u_at(ua: tirx.Buffer, pp: tirx.PrimExpr, cc: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -465,7 +458,7 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                     v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
                     vu[v0, v1, v2] = T.Cast("uint8", T.Cast("int16", vq[v0, v1, v2]) + T.int16(v_offset))
             reduce(vu, uq, acc)
-            dequant_offset(sv, su, acc, uc, mf)
+            dequant(sv, su, acc, uc, mf)
         else:
             if widen:
                 vw = T.sblock_alloc_buffer((p, t, c), "int16")
@@ -484,7 +477,7 @@ def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: 
                     reduce(vw, uw, acc)
             else:
                 reduce(vq, uq, acc)
-            dequant(sv, su, acc, mf)
+            dequant(sv, su, acc, None, mf)
 
     u_shape = (p, k // kb, cp // cw, kb, cw) if kb else (p, cp // cw, k, cw) if packed else (p, cp, k)
     if debug:
