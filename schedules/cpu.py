@@ -368,12 +368,14 @@ def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     """
     from tvm.s_tir import dlight as dl
 
+    lanes, max_acc = _ops.float_lanes(target)
+
     @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleGenericCPU")
     def _pass(func: tirx.PrimFunc, m: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
         if func.attrs is not None and (_SCHEDULED in func.attrs or "winoq.kernel" in func.attrs):
             return func
         try:
-            return _ops.schedule_generic(func)
+            return _ops.schedule_generic(func, lanes, max_acc)
         except Exception:  # noqa: BLE001 - a failed schedule keeps the (correct) naive function
             return func
 

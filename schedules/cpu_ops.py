@@ -13,7 +13,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-__all__ = ["SCHEDULED", "divisor", "extent", "has_block", "schedule_conv2d_nchw", "schedule_generic"]
+__all__ = ["SCHEDULED", "divisor", "extent", "float_lanes", "has_block", "schedule_conv2d_nchw",
+           "schedule_generic"]
 
 SCHEDULED = "tirx.is_scheduled"
 
@@ -37,12 +38,24 @@ def has_block(sch: Schedule, name: str) -> bool:
     return True
 
 
-def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8) -> object | None:
+def float_lanes(target: object) -> tuple[int, int]:
+    """``(lanes, accumulators)`` of the float convolution tile for ``target``: 16 float32 lanes and up to
+    24 accumulators of its 32 zmm registers with AVX-512, else 8 lanes and 12 (of 16 ymm registers)."""
+    from tvm.target import codegen
+
+    try:
+        wide = bool(codegen.target_has_features("avx512f", target))
+    except Exception:  # noqa: BLE001 - not an x86 LLVM target
+        wide = False
+    return (16, 24) if wide else (8, 12)
+
+
+def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8, max_acc: int = 12) -> object | None:
     """Register-tile a legalized ``conv2d_nchw`` block vectorized over output channels.
 
     Loops ``[n, f, y, x | rc, ry, rx]`` become ``[(n, f / (v*lanes)) parallel, y, x / tw | rc, ry, rx |
     tw unrolled, v unrolled, lanes vectorized]``: ``tw`` output pixels x ``v`` vectors of ``lanes``
-    output channels of accumulators (``tw * v <= 12``), each input value one broadcast.  The weight
+    output channels of accumulators (``tw * v <= max_acc``), each input value one broadcast.  The weight
     block of a parallel iteration is copied to ``[C, R, S, v*lanes]`` first.  Returns the parallel
     loop, or ``None`` (nothing changed) when the block is not a plain 7-loop NCHW convolution or its
     output channels are not a multiple of ``lanes``.  Summation order differs from the naive loop
@@ -57,10 +70,13 @@ def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8) -> object |
     k, ow = extent(sch, f), extent(sch, x)
     if k % lanes:
         return None
-    # the largest tile of tw pixels x v channel vectors within 12 accumulators (of 16 ymm registers)
-    v, tw = max(((vv, t) for vv in (2, 1) if k % (vv * lanes) == 0 for t in range(1, 8)
-                 if ow % t == 0 and vv * t <= 12), key=lambda p: (p[0] * p[1], p[0]))
+    # the largest tile of tw pixels x v channel vectors within max_acc accumulators
+    v, tw = max(((vv, t) for vv in (4, 2, 1) if k % (vv * lanes) == 0 for t in range(1, 15)
+                 if ow % t == 0 and vv * t <= max_acc), key=lambda p: (p[0] * p[1], p[0]))
     acc = sch.cache_write(blk, 0, "local")
+    # channels innermost in the accumulator tile: contiguous vectors (registers, or at worst plain
+    # vector loads/stores where LLVM keeps a large tile in memory; NCHW order made them gathers)
+    sch.transform_layout(blk, ("write", 0), lambda a, b, c, d: (a, c, d, b))
     fo, fv, fl = sch.split(f, [None, v, lanes])
     xo, xi = sch.split(x, [None, tw])
     sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fv, fl)
@@ -119,14 +135,15 @@ def _spatial_reduce_loops(sch: Schedule, blk: object) -> tuple[list, list] | Non
     return loops[:n_sp], loops[n_sp:]
 
 
-def schedule_generic(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc:
+def schedule_generic(func: tirx.PrimFunc, lanes: int = 8, max_acc: int = 12) -> tirx.PrimFunc:
     """Parallel/vectorized schedule of a legalized operator (convolution, pooling, elementwise).
 
     A reduction block gets ``[outer spatial (parallel) | reduction | 4 channels (unrolled) x 8
     innermost positions (vectorized)]`` register tiles and its elementwise consumers are computed per
     parallel row; the remaining elementwise loop nests (padding, activations) are fused, parallel and
     vectorized.  (Inlining the padding would put a condition in the vectorized inner loop.)
-    Dense NCHW convolutions get :func:`schedule_conv2d_nchw` instead (``lanes`` float32 lanes).
+    Dense NCHW convolutions get :func:`schedule_conv2d_nchw` instead (``lanes`` float32 lanes, at most
+    ``max_acc`` accumulators: :func:`float_lanes` of the target).
     """
     sch = Schedule(func)
     root = sch.get_sblock("root") if has_block(sch, "root") else None
@@ -137,7 +154,7 @@ def schedule_generic(func: tirx.PrimFunc, lanes: int = 8) -> tirx.PrimFunc:
     for r in red[:1]:
         pos = [sch.get(b).same_as(sch.get(r)) for b in blocks].index(True)
         after = [sch.get(b).name_hint for b in blocks[pos + 1:]]
-        row = schedule_conv2d_nchw(sch, r, lanes)
+        row = schedule_conv2d_nchw(sch, r, lanes, max_acc)
         if row is None:
             row = _tile_reduction(sch, r)
         if row is None:
