@@ -365,20 +365,28 @@ def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
 
     dlight's CPU ``Reduction`` rule alone would also claim convolutions, recomputing the padded input
     per output pixel (about 20x slower than naive for ResNet's stride-2 convs), hence the order.
+    Float convolutions whose weights are constants read them blocked at compile time
+    (:mod:`tvm_winoq.relax.weight_layout`).
     """
     from tvm.s_tir import dlight as dl
 
+    from tvm_winoq.relax.weight_layout import WEIGHT_BLOCKS, BlockConvWeights, constant_params
+
     lanes, max_acc = _ops.float_lanes(target)
-
-    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleGenericCPU")
-    def _pass(func: tirx.PrimFunc, m: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:
-        if func.attrs is not None and (_SCHEDULED in func.attrs or "winoq.kernel" in func.attrs):
-            return func
+    consts = constant_params(mod)
+    mod, blocked = mod.clone(), {}
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or (
+                func.attrs is not None and (_SCHEDULED in func.attrs or "winoq.kernel" in func.attrs)):
+            continue
         try:
-            return _ops.schedule_generic(func, lanes, max_acc)
+            new = _ops.schedule_generic(func, lanes, max_acc, consts.get(gv.name_hint, ()))
         except Exception:  # noqa: BLE001 - a failed schedule keeps the (correct) naive function
-            return func
-
-    mod = _pass(mod)
+            continue
+        if WEIGHT_BLOCKS in new.attrs:  # a new signature: called under a new global var
+            blocked[gv.name_hint] = new
+        else:
+            mod.update_func(gv, new)
+    mod = BlockConvWeights(blocked)(mod)
     with target:
         return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)

@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from tvm import tirx
 from tvm.s_tir import Schedule
+
+from tvm_winoq.relax.weight_layout import WEIGHT_BLOCKS
 
 __all__ = ["SCHEDULED", "divisor", "extent", "float_lanes", "has_block", "schedule_conv2d_nchw",
            "schedule_generic"]
@@ -50,13 +54,18 @@ def float_lanes(target: object) -> tuple[int, int]:
     return (16, 24) if wide else (8, 12)
 
 
-def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8, max_acc: int = 12) -> object | None:
+def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8, max_acc: int = 12,
+                         const_params: Collection[str] = (), blocks: dict[str, int] | None = None,
+                         ) -> object | None:
     """Register-tile a legalized ``conv2d_nchw`` block vectorized over output channels.
 
     Loops ``[n, f, y, x | rc, ry, rx]`` become ``[(n, f / (v*lanes)) parallel, y, x / tw | rc, ry, rx |
     tw unrolled, v unrolled, lanes vectorized]``: ``tw`` output pixels x ``v`` vectors of ``lanes``
     output channels of accumulators (``tw * v <= max_acc``), each input value one broadcast.  The weight
-    block of a parallel iteration is copied to ``[C, R, S, v*lanes]`` first.  Returns the parallel
+    block of a parallel iteration is copied to ``[C, R, S, v*lanes]`` first; weights that are a
+    parameter named in ``const_params`` (a constant at every call) instead become that parameter in the
+    layout ``[K/(v*lanes), C, R, S, v*lanes]``, recorded as ``blocks[name] = v*lanes`` for
+    :class:`tvm_winoq.relax.weight_layout.BlockConvWeights` to rewrite the constants.  Returns the parallel
     loop, or ``None`` (nothing changed) when the block is not a plain 7-loop NCHW convolution or its
     output channels are not a multiple of ``lanes``.  Summation order differs from the naive loop
     (float rounding), as in any tiled convolution.
@@ -82,9 +91,14 @@ def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8, max_acc: in
     sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fv, fl)
     row = sch.fuse(n, fo)
     sch.parallel(row)
-    wc = sch.cache_read(blk, 1, "global")
-    sch.compute_at(wc, row)
-    sch.transform_layout(wc, ("write", 0), lambda a, b, c, d: (b, c, d, a))
+    weights, block = sch.get(blk).reads[1].source.name, v * lanes
+    if weights in const_params and blocks is not None:
+        sch.transform_layout(blk, ("read", 1), lambda a, b, c, d: (a // block, b, c, d, a % block))
+        blocks[weights] = block
+    else:
+        wc = sch.cache_read(blk, 1, "global")
+        sch.compute_at(wc, row)
+        sch.transform_layout(wc, ("write", 0), lambda a, b, c, d: (b, c, d, a))
     sch.unroll(xi)
     sch.unroll(fv)
     sch.vectorize(fl)
@@ -135,7 +149,8 @@ def _spatial_reduce_loops(sch: Schedule, blk: object) -> tuple[list, list] | Non
     return loops[:n_sp], loops[n_sp:]
 
 
-def schedule_generic(func: tirx.PrimFunc, lanes: int = 8, max_acc: int = 12) -> tirx.PrimFunc:
+def schedule_generic(func: tirx.PrimFunc, lanes: int = 8, max_acc: int = 12,
+                     const_params: Collection[str] = ()) -> tirx.PrimFunc:
     """Parallel/vectorized schedule of a legalized operator (convolution, pooling, elementwise).
 
     A reduction block gets ``[outer spatial (parallel) | reduction | 4 channels (unrolled) x 8
@@ -143,18 +158,21 @@ def schedule_generic(func: tirx.PrimFunc, lanes: int = 8, max_acc: int = 12) -> 
     parallel row; the remaining elementwise loop nests (padding, activations) are fused, parallel and
     vectorized.  (Inlining the padding would put a condition in the vectorized inner loop.)
     Dense NCHW convolutions get :func:`schedule_conv2d_nchw` instead (``lanes`` float32 lanes, at most
-    ``max_acc`` accumulators: :func:`float_lanes` of the target).
+    ``max_acc`` accumulators: :func:`float_lanes` of the target); their weights, where they are one of
+    ``const_params``, are read pre-blocked (attribute ``winoq.weight_blocks`` = ``{param index: block}``,
+    :mod:`tvm_winoq.relax.weight_layout`).
     """
     sch = Schedule(func)
     root = sch.get_sblock("root") if has_block(sch, "root") else None
     blocks = sch.get_child_blocks(root) if root is not None else []
     red = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
     moved: set[str] = set()
+    weight_blocks: dict[str, int] = {}
     flat = [sch.get(b).name_hint for b in blocks if not red or not sch.get(b).same_as(sch.get(red[0]))]
     for r in red[:1]:
         pos = [sch.get(b).same_as(sch.get(r)) for b in blocks].index(True)
         after = [sch.get(b).name_hint for b in blocks[pos + 1:]]
-        row = schedule_conv2d_nchw(sch, r, lanes, max_acc)
+        row = schedule_conv2d_nchw(sch, r, lanes, max_acc, const_params, weight_blocks)
         if row is None:
             row = _tile_reduction(sch, r)
         if row is None:
@@ -181,6 +199,10 @@ def schedule_generic(func: tirx.PrimFunc, lanes: int = 8, max_acc: int = 12) -> 
         vec = divisor(extent(sch, inner), (16, 8, 4))
         if vec > 1:
             sch.vectorize(sch.split(inner, [None, vec])[1])
-    return sch.mod["main"].with_attr(SCHEDULED, True)
+    out = sch.mod["main"].with_attr(SCHEDULED, True)
+    if weight_blocks:
+        names = [p.name for p in out.params]
+        out = out.with_attr(WEIGHT_BLOCKS, {names.index(n): b for n, b in weight_blocks.items()})
+    return out
 
 

@@ -40,14 +40,85 @@ def _lowered_conv(model: torch.nn.Module, x: torch.Tensor) -> tvm.tirx.PrimFunc:
     return func
 
 
+def _lowered(model: torch.nn.Module, x: torch.Tensor) -> tvm.IRModule:
+    mod, _, _ = prepare_module(model, x, default_config(tile=4, group=8))
+    return lower(mod, TARGET)
+
+
 def test_conv2d_nchw_vectorized_over_output_channels():
     func = _lowered_conv(_conv_relu(8, 16, 3, 2), torch.randn(1, 8, 10, 10))
     text = func.script()
-    # weights of the block transposed to [C, R, S, 16]; 5 output pixels x 2 x 8 channels of accumulators
-    assert 'param_0_global = T.sblock_alloc_buffer((T.int64(8), T.int64(3), T.int64(3), T.int64(16)))' in text
+    # 5 output pixels x 2 x 8 channels of accumulators
     update = text[text.index("for rc, ry, rx"):text.index('T.sblock("conv2d_nchw_update")')]
     assert "T.unroll(T.int64(5))" in update and "T.unroll(T.int64(2))" in update
     assert "T.vectorized(T.int64(8))" in update
+
+
+def test_constant_weights_are_blocked_at_compile_time():
+    """Constant weights: the PrimFunc reads ``[K/16, C, R, S, 16]`` and the call passes that constant."""
+    model, x = _conv_relu(8, 32, 3, 2), torch.randn(1, 8, 10, 10)
+    low = _lowered(model, x)
+    (gv,) = [g for g in low.functions.keys() if "conv2d" in g.name_hint]
+    func = low[gv]
+    assert "param_0_global" not in func.script()
+    assert {int(k): int(v) for k, v in func.attrs["winoq.weight_blocks"].items()} == {1: 16}
+    assert "param_0: T.Buffer((T.int64(2), T.int64(8), T.int64(3), T.int64(3), T.int64(16))" in func.script()
+    from tvm_winoq.relax.weight_layout import blocked
+
+    consts: list[np.ndarray] = []
+
+    def visit(e: tvm.relax.Expr) -> None:
+        if isinstance(e, tvm.ir.Constant) and hasattr(e.value, "numpy") and e.value.numpy().ndim == 5:
+            consts.append(e.value.numpy())
+
+    tvm.relax.analysis.post_order_visit(low["main"], visit)
+    (w,) = consts
+    np.testing.assert_array_equal(w, blocked(model[0].weight.detach().numpy(), 16))
+    with pytest.raises(ValueError, match="blocks of 12"):
+        blocked(np.zeros((16, 8, 3, 3), "float32"), 12)
+
+
+def test_constant_params_needs_a_constant_at_every_call_site():
+    from tvm import relax
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as T
+
+    from tvm_winoq.relax.weight_layout import constant_params
+
+    @I.ir_module
+    class Mod:
+        @T.prim_func(private=True, s_tir=True)
+        def add(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32"), c: T.Buffer((4,), "float32")):
+            for i in range(4):
+                with T.sblock("c"):
+                    vi = T.axis.remap("S", [i])
+                    c[vi] = a[vi] + b[vi]
+
+        @R.function
+        def main(x: R.Tensor((4,), "float32")) -> R.Tensor((4,), "float32"):
+            cls = Mod
+            with R.dataflow():
+                y = R.call_tir(cls.add, (x, R.const(np.ones(4, "float32"))), out_ty=R.Tensor((4,), "float32"))
+                z = R.call_tir(cls.add, (R.const(np.ones(4, "float32")), y), out_ty=R.Tensor((4,), "float32"))
+                R.output(z)
+            return z
+
+    assert constant_params(Mod) == {"add": frozenset()}  # b is a variable at the second call
+    assert isinstance(Mod["main"], relax.Function)
+
+
+def test_weights_that_are_not_constants_are_copied_per_call():
+    """Without ``const_params`` (weights passed at run time) each block is transposed per call."""
+    from tvm import relax
+
+    model, x = _conv_relu(8, 16, 3, 2), torch.randn(1, 8, 10, 10)
+    mod, _, _ = prepare_module(model, x, default_config(tile=4, group=8))
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    (func,) = [f for gv, f in mod.functions.items() if "conv2d" in gv.name_hint]
+    text = load_module("cpu_ops").schedule_generic(func).script()
+    assert 'param_0_global = T.sblock_alloc_buffer((T.int64(8), T.int64(3), T.int64(3), T.int64(16)))' in text
 
 
 def test_conv2d_accumulators_channels_innermost():
