@@ -2,7 +2,7 @@
 
 * :func:`schedule_conv2d_nchw`: dense NCHW float convolutions (the stem, stride-2 and 1x1 convs that
   stay float): output channels vectorized, the weights of one output-channel block transposed once
-  per block into ``[C, R, S, lanes]`` (contiguous vectors; OIHW gathers them), a register tile of
+  per block into ``[R, S, C, lanes]`` (contiguous vectors; OIHW gathers them), a register tile of
   output pixels x channel vectors, input values broadcast.
 * :func:`schedule_generic`: any other reduction (pooling, matmul, grouped convs) as
   ``[parallel | reduction | 4 x 8 register tile]``; elementwise nests parallel and vectorized.
@@ -59,12 +59,13 @@ def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8, max_acc: in
                          ) -> object | None:
     """Register-tile a legalized ``conv2d_nchw`` block vectorized over output channels.
 
-    Loops ``[n, f, y, x | rc, ry, rx]`` become ``[(n, f / (v*lanes)) parallel, y, x / tw | rc, ry, rx |
-    tw unrolled, v unrolled, lanes vectorized]``: ``tw`` output pixels x ``v`` vectors of ``lanes``
+    Loops ``[n, f, y, x | rc, ry, rx]`` become ``[(n, f / (v*lanes)) parallel, y, x / tw | ry, rx, rc |
+    tw unrolled, v unrolled, lanes vectorized]`` (the padded input written channels last, so ``rc``
+    walks consecutive addresses): ``tw`` output pixels x ``v`` vectors of ``lanes``
     output channels of accumulators (``tw * v <= max_acc``), each input value one broadcast.  The weight
-    block of a parallel iteration is copied to ``[C, R, S, v*lanes]`` first; weights that are a
+    block of a parallel iteration is copied to ``[R, S, C, v*lanes]`` first; weights that are a
     parameter named in ``const_params`` (a constant at every call) instead become that parameter in the
-    layout ``[K/(v*lanes), C, R, S, v*lanes]``, recorded as ``blocks[name] = v*lanes`` for
+    layout ``[K/(v*lanes), R, S, C, v*lanes]``, recorded as ``blocks[name] = v*lanes`` for
     :class:`tvm_winoq.relax.weight_layout.BlockConvWeights` to rewrite the constants.  Returns the parallel
     loop, or ``None`` (nothing changed) when the block is not a plain 7-loop NCHW convolution or its
     output channels are not a multiple of ``lanes``.  Summation order differs from the naive loop
@@ -86,26 +87,41 @@ def schedule_conv2d_nchw(sch: Schedule, blk: object, lanes: int = 8, max_acc: in
     # channels innermost in the accumulator tile: contiguous vectors (registers, or at worst plain
     # vector loads/stores where LLVM keeps a large tile in memory; NCHW order made them gathers)
     sch.transform_layout(blk, ("write", 0), lambda a, b, c, d: (a, c, d, b))
+    _channels_last_input(sch, blk)
     fo, fv, fl = sch.split(f, [None, v, lanes])
     xo, xi = sch.split(x, [None, tw])
-    sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fv, fl)
+    sch.reorder(n, fo, y, xo, ry, rx, rc, xi, fv, fl)
     row = sch.fuse(n, fo)
     sch.parallel(row)
     weights, block = sch.get(blk).reads[1].source.name, v * lanes
     if weights in const_params and blocks is not None:
-        sch.transform_layout(blk, ("read", 1), lambda a, b, c, d: (a // block, b, c, d, a % block))
+        sch.transform_layout(blk, ("read", 1), lambda a, b, c, d: (a // block, c, d, b, a % block))
         blocks[weights] = block
     else:
         wc = sch.cache_read(blk, 1, "global")
         sch.compute_at(wc, row)
-        sch.transform_layout(wc, ("write", 0), lambda a, b, c, d: (b, c, d, a))
+        sch.transform_layout(wc, ("write", 0), lambda a, b, c, d: (c, d, b, a))
     sch.unroll(xi)
     sch.unroll(fv)
     sch.vectorize(fl)
-    sch.decompose_reduction(blk, rc)
+    sch.decompose_reduction(blk, ry)
     sch.vectorize(sch.get_loops(sch.get_sblock("conv2d_nchw_init"))[-1])
     sch.reverse_compute_at(acc, xo)
     return row
+
+
+def _channels_last_input(sch: Schedule, blk: object) -> None:
+    """The conv's padded input (``pad_temp``, a 4-loop elementwise producer) written ``[N, H, W, C]``,
+    channels innermost: the broadcasts of one pixel's channels are then consecutive addresses (NCHW
+    put successive channels a plane apart, at 32x32 4 KB: one L1 set for all of them)."""
+    src = sch.get(blk).reads[0].source.name
+    for prod in sch.get_producers(blk):
+        block = sch.get(prod)
+        if block.writes[0].source.name != src or len(sch.get_loops(prod)) != 4 or block.reads == []:
+            continue
+        sch.transform_layout(prod, ("write", 0), lambda a, b, c, d: (a, c, d, b))
+        pn, pc, py, px = sch.get_loops(prod)
+        sch.reorder(pn, py, px, pc)
 
 
 def _tile_reduction(sch: Schedule, r: object) -> object | None:

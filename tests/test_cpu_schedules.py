@@ -49,7 +49,7 @@ def test_conv2d_nchw_vectorized_over_output_channels():
     func = _lowered_conv(_conv_relu(8, 16, 3, 2), torch.randn(1, 8, 10, 10))
     text = func.script()
     # 5 output pixels x 2 x 8 channels of accumulators
-    update = text[text.index("for rc, ry, rx"):text.index('T.sblock("conv2d_nchw_update")')]
+    update = text[text.index("for ry, rx, rc"):text.index('T.sblock("conv2d_nchw_update")')]
     assert "T.unroll(T.int64(5))" in update and "T.unroll(T.int64(2))" in update
     assert "T.vectorized(T.int64(8))" in update
 
@@ -62,7 +62,9 @@ def test_constant_weights_are_blocked_at_compile_time():
     func = low[gv]
     assert "param_0_global" not in func.script()
     assert {int(k): int(v) for k, v in func.attrs["winoq.weight_blocks"].items()} == {1: 16}
-    assert "param_0: T.Buffer((T.int64(2), T.int64(8), T.int64(3), T.int64(3), T.int64(16))" in func.script()
+    assert "param_0: T.Buffer((T.int64(2), T.int64(3), T.int64(3), T.int64(8), T.int64(16))" in func.script()
+    # the padded input channels last
+    assert "pad_temp = T.sblock_alloc_buffer((T.int64(1), T.int64(12), T.int64(12), T.int64(8)))" in func.script()
     from tvm_winoq.relax.weight_layout import blocked
 
     consts: list[np.ndarray] = []
@@ -118,7 +120,7 @@ def test_weights_that_are_not_constants_are_copied_per_call():
                                     relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
     (func,) = [f for gv, f in mod.functions.items() if "conv2d" in gv.name_hint]
     text = load_module("cpu_ops").schedule_generic(func).script()
-    assert 'param_0_global = T.sblock_alloc_buffer((T.int64(8), T.int64(3), T.int64(3), T.int64(16)))' in text
+    assert 'param_0_global = T.sblock_alloc_buffer((T.int64(3), T.int64(3), T.int64(8), T.int64(16)))' in text
 
 
 def test_conv2d_accumulators_channels_innermost():

@@ -1,7 +1,7 @@
 """Relax pass: lay out constant float-conv weights at compile time, as their scheduled PrimFunc reads them.
 
 A CPU schedule of a float convolution (``schedules/cpu_ops.py``) reads its weights in blocks of ``B``
-output channels, ``[K/B, C, R, S, B]`` (one contiguous vector per (c, r, s) for the register tile).
+output channels, ``[K/B, R, S, C, B]`` (one contiguous vector per (r, s, c) for the register tile).
 Where the weights are a constant at every call site (:func:`constant_params`), the schedule changes
 the weight *parameter* to that layout and records ``{param index: B}`` in the PrimFunc attribute
 ``winoq.weight_blocks``; :class:`BlockConvWeights` then calls that PrimFunc (added under a new global
@@ -10,7 +10,7 @@ rewritten with NumPy::
 
     y = R.call_tir(fused_conv2d_add_relu, (x, W, b), ...)            # W [K, C, R, S]
     # becomes
-    y = R.call_tir(fused_conv2d_add_relu, (x, blocked(W, B), b), ...)  # [K/B, C, R, S, B]
+    y = R.call_tir(fused_conv2d_add_relu, (x, blocked(W, B), b), ...)  # [K/B, R, S, C, B]
 
 instead of transposing a copy of every weight block on every call (at ResNet-18's 256 -> 512 stride-2
 conv, 4.7 MB per call for 7x7 outputs: more time than the arithmetic).  Weights that are not constants
@@ -29,11 +29,11 @@ WEIGHT_BLOCKS = "winoq.weight_blocks"
 
 
 def blocked(w: np.ndarray, block: int) -> np.ndarray:
-    """OIHW ``w`` ``[K, C, R, S]`` -> ``[K/block, C, R, S, block]`` (contiguous)."""
+    """OIHW ``w`` ``[K, C, R, S]`` -> ``[K/block, R, S, C, block]`` (contiguous)."""
     k = w.shape[0]
     if w.ndim != 4 or block < 1 or k % block:
         raise ValueError(f"blocked: weights {w.shape} cannot be split in blocks of {block} output channels")
-    return np.ascontiguousarray(w.reshape(k // block, block, *w.shape[1:]).transpose(0, 2, 3, 4, 1))
+    return np.ascontiguousarray(w.reshape(k // block, block, *w.shape[1:]).transpose(0, 3, 4, 2, 1))
 
 
 def _call_tir_sites(mod: tvm.IRModule) -> list[relax.Call]:
