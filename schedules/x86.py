@@ -179,7 +179,7 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
     kk = _k_block(s["k"], lanes)
     tt = _cpu._divisor(s["t"], (4, 7, 5, 6, 3, 2))
     cw = 2
-    if _cpu._has_block(Schedule(func), "vq_u8"):  # V + 128, U in quads (prepack_gemm, VNNI)
+    if func.params[4].name == "uc":  # gemm_kernel(v_offset=): V + 128, U in quads (prepack_gemm, VNNI)
         intrin, cw = VPDPBUSD_INTRIN[lanes], 4
     elif len(func.params[2].shape) != 3:  # U packed at compile time (int8, pairs of channels), int16 V
         intrin = PMADDWD16x8_INTRIN[lanes]

@@ -161,17 +161,14 @@ def primfunc_table(mod: Any) -> list[dict[str, Any]]:
         ``name``, ``kind`` (``winoq-input`` / ``winoq-gemm`` / ``winoq-output`` or ``op``), ``tuned``,
         ``calls`` (call sites in ``main``) and ``args`` (``(shape, dtype)`` of every buffer parameter).
     """
-    from tvm import relax, tirx
+    from tvm import tirx
     from tvm.tirx.buffer import BufferType
 
+    from .relax.calls import call_tir_sites
+
     calls: dict[str, int] = {}
-
-    def visit(expr: Any) -> None:
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
-            gv = expr.args[0]
-            calls[gv.name_hint] = calls.get(gv.name_hint, 0) + 1
-
-    relax.analysis.post_order_visit(mod["main"], visit)
+    for call in call_tir_sites(mod["main"]):
+        calls[call.args[0].name_hint] = calls.get(call.args[0].name_hint, 0) + 1
     rows = []
     for name, count in calls.items():
         func = mod[name]

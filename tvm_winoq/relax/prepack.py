@@ -22,6 +22,7 @@ from typing import Any
 import tvm
 from tvm import relax
 
+from .calls import is_call_tir, mutate_relax_functions
 from .kernels import UPacking
 
 __all__ = ["PrepackGemmWeights"]
@@ -48,7 +49,7 @@ class _Prepacker(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+        if not is_call_tir(call):
             return call
         gv, args = call.args[0], call.args[1]
         if not isinstance(args, relax.Tuple) or len(args.fields) != 4:
@@ -84,9 +85,5 @@ class PrepackGemmWeights:
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         """Rewrite every Relax function of ``mod`` (the pass entry point)."""
-        rw = _Prepacker(mod, self.hook, self.target)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        out = rw.builder_.get()
+        out = mutate_relax_functions(_Prepacker(mod, self.hook, self.target), mod)
         return relax.transform.DeadCodeElimination()(out)

@@ -23,6 +23,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .calls import call_tir_sites, is_call_tir, mutate_relax_functions
+
 __all__ = ["WEIGHT_BLOCKS", "BlockConvWeights", "blocked", "constant_params"]
 
 WEIGHT_BLOCKS = "winoq.weight_blocks"
@@ -36,24 +38,11 @@ def blocked(w: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k // block, block, *w.shape[1:]).transpose(0, 3, 4, 2, 1))
 
 
-def _call_tir_sites(mod: tvm.IRModule) -> list[relax.Call]:
-    calls: list[relax.Call] = []
-
-    def visit(e: relax.Expr) -> None:
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
-            calls.append(e)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return calls
-
-
 def constant_params(mod: tvm.IRModule) -> dict[str, frozenset[str]]:
     """For each PrimFunc called by ``R.call_tir``: the names of its parameters that every call passes a
     constant (an argument position passed anything else at any site is left out)."""
     seen: dict[str, set[int]] = {}
-    for call in _call_tir_sites(mod):
+    for call in call_tir_sites(mod):
         gv, args = call.args[0], call.args[1]
         fields = args.fields if isinstance(args, relax.Tuple) else []
         const = {i for i, a in enumerate(fields) if isinstance(a, tvm.ir.Constant)}
@@ -75,7 +64,7 @@ class _Blocker(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+        if not is_call_tir(call):
             return call
         name = call.args[0].name_hint
         func = self.scheduled.get(name)
@@ -110,8 +99,5 @@ class BlockConvWeights:
         """Rewrite every Relax function of ``mod`` (the pass entry point)."""
         if not self.scheduled:
             return mod
-        rw = _Blocker(mod, self.scheduled)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rw.builder_.get())
+        out = mutate_relax_functions(_Blocker(mod, self.scheduled), mod)
+        return relax.transform.DeadCodeElimination()(out)
