@@ -4,15 +4,19 @@ The Winograd schedules only reorder, tile, parallelize, unroll and vectorize; th
 float fma chain over channel groups is kept (the ``g`` loop stays serial and in order), so scheduled
 kernels produce the same bits as the naive ones (checked by ``tests/test_kernels_bitexact.py``).
 
-* ``input``: per-tensor absmax vectorized via ``rfactor``; quantize/pad parallel over padded rows;
-  per tile row (parallel) and tile: row transform computed at the tile, column transform, V absmax and
-  V quantization fused under the tile loop, transform loops unrolled (folding the constant matrices),
-  channels vectorized.
+* ``input``: per-tensor absmax vectorized via ``rfactor``; quantize/pad parallel over padded rows,
+  reading each input row through an NHWC copy made of 8x8 / 4x4 shuffle transposes (a tensor
+  intrinsic, where 8 or 4 divides C and W; else channel vectors gathered); per tile row (parallel)
+  and tile: row transform computed at the tile, column transform, V absmax and V quantization fused
+  under the tile loop, transform loops unrolled (folding the constant matrices), channels vectorized.
 * ``gemm``: output tile ``[tt tiles x vk channels]`` of int32 accumulators per (position, tile block),
   parallel over (position, tile block); per channel group: the channel loop outside, ``vk`` output
   channels vectorized (``k``-inner), then the fma dequantization vectorized over ``vk``.
 * ``output``: parallel over tile rows; M absmax/quantize and both transform stages computed per tile
-  row, output channels vectorized; the NCHW store parallel over rows.
+  row, output channels vectorized; the NCHW store parallel over rows, as 8x8 shuffle transposes fused
+  with the dequantization fma where 8 divides K and W and the tiles cover the output exactly.
+* Quantizers multiply by ``1 / s`` (:mod:`tvm_winoq.quant.ops`); the reciprocals of the V and M scales
+  are computed once per scale (``rsv`` / ``rsm``), so no loop divides per element.
 * ``direct`` (int8 direct convolution): see :func:`schedule_direct`.
 """
 
@@ -34,6 +38,7 @@ __all__ = ["gemm_shape", "schedule_direct", "schedule_gemm", "schedule_input", "
 
 _ops: ModuleType = load_module("cpu_ops")
 _SCHEDULED, _extent, _divisor, _has_block = _ops.SCHEDULED, _ops.extent, _ops.divisor, _ops.has_block
+_tr: ModuleType = load_module("cpu_transpose")  # registers the transpose intrinsics
 
 
 def _vectorize(sch: Schedule, loop: object, lanes: int = 16) -> None:
@@ -109,6 +114,45 @@ def _vectorize_lanes(sch: Schedule, name: str) -> None:
     sch.decompose_reduction(blk, red[0])
 
 
+def _vectorize_gathered_channels(sch: Schedule, w: object, c: object) -> None:
+    """Vectorize a channel loop gathering from NCHW planes H*W*4 bytes apart: at 16 KB (64x64) every
+    plane's line maps to the same L1 set, so a pass over all C channels per pixel thrashes L1 (9
+    cycles per element at 320@64).  8 channels per pass along the row keep their 8 lines resident."""
+    channels = _extent(sch, c)
+    if channels > 8 and channels % 8 == 0:
+        co, ci = sch.split(c, [None, 8])
+        sch.reorder(co, w, ci)
+        sch.vectorize(ci)
+    else:
+        _vectorize(sch, c)
+
+
+def _transposed_read(sch: Schedule, block: object) -> Schedule | None:
+    """``sch`` with ``block``'s NCHW float input read through an NHWC copy per output row made of
+    shuffle transposes (8x8 or 4x4, where they divide C and W): a channel vector is then one load,
+    not ``L`` gathered elements (x_quant 31% -> ~15% of the input kernel at 64@56).  ``None`` where
+    no transpose fits or the copy cannot be placed per row (``sch`` is left as it was)."""
+    x = sch.get(block).reads[0].source
+    _, c, _, w = (int(d) for d in x.shape)
+    size = next((s for s in (8, 4) if c % s == 0 and w % s == 0), None)
+    if size is None:
+        return None
+    trial = sch.copy()
+    try:
+        xt = trial.cache_read(block, 0, "global", consumer_blocks=[block])
+        trial.transform_layout(xt, ("write", 0), lambda n_, c_, h_, w_: (n_, h_, w_, c_))
+        n, c_, h, w_ = trial.get_loops(xt)
+        co, ci = trial.split(c_, [None, size])
+        wo, wi = trial.split(w_, [None, size])
+        trial.reorder(n, h, wo, co, ci, wi)
+        tile = trial.blockize(ci)
+        trial.tensorize(tile, _tr.TRANSPOSE_INTRIN[size])
+        trial.compute_at(tile, trial.get_loops(block)[0], preserve_unit_loops=True)
+    except (RuntimeError, ValueError):  # ScheduleError or a failed check (rows past the input)
+        return None
+    return trial
+
+
 def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Schedule the ``input`` kernel (see the module docstring)."""
     sch = Schedule(func)
@@ -118,16 +162,12 @@ def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     n, h, w, c = sch.get_loops(q)
     row = sch.fuse(n, h)
     sch.parallel(row)
-    # The channel vector gathers from C planes H*W*4 bytes apart: at 16 KB (64x64) every plane's line
-    # maps to the same L1 set, so a pass over all C channels per pixel thrashes L1 (9 cycles per
-    # element at 320@64).  8 channels per pass along the row keep their 8 lines resident.
-    channels = _extent(sch, c)
-    if channels > 8 and channels % 8 == 0:
-        co, ci = sch.split(c, [None, 8])
-        sch.reorder(co, w, ci)
-        sch.vectorize(ci)
-    else:
+    transposed = _transposed_read(sch, q)
+    if transposed is not None:
+        sch = transposed
         _vectorize(sch, c)
+    else:
+        _vectorize_gathered_channels(sch, w, c)
     # per tile (parallel): row transform, column transform, V absmax, V scale, V quantization
     t = sch.get_loops(sch.get_sblock("tf_rows"))[0]
     sch.parallel(t)
@@ -272,15 +312,28 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
     ys = sch.get_sblock("y_store")
     nb, k, oh, ow = sch.get_loops(ys)
     m = _extent(sch, sch.get_loops(sch.get_sblock("otf_cols"))[2])
+    n_k, n_h, n_w = _extent(sch, k), _extent(sch, oh), _extent(sch, ow)
+    transpose = n_k % 8 == 0 and n_w % 8 == 0 and n_w % m == 0 and n_h % m == 0
     oho, a = sch.split(oh, [None, m])
     sch.reorder(nb, oho, k, a, ow)
     row = sch.fuse(nb, oho)
     sch.parallel(row)
+    # where 8 divides K and W and the tiles cover the output exactly: the transformed tiles of a tile
+    # row as [row, a, w, k], so the NCHW store reads a [w, k] block per output row, an 8 x 8 shuffle
+    # transpose with the dequantization fma (else one gathered element per lane; 45% of the kernel)
+    tw = n_w // m
+    if transpose:
+        sch.transform_layout(sch.get_sblock("otf_cols"), ("write", 0),
+                             lambda t, a_, j, c: (t // tw, a_, t % tw * m + j, c))
+        ko, ki = sch.split(k, [None, 8])
+        wo, wi = sch.split(ow, [None, 8])
+        sch.reorder(ko, a, wo, ki, wi)
     sch.compute_at(sch.get_sblock("otf_cols"), row, preserve_unit_loops=True)
     sch.compute_at(sch.get_sblock("otf_rows"), row, preserve_unit_loops=True)
     if len(func.params) == 4 and _per_tile_row(sch):  # production (m_q, s_m internal)
         for name in ("m_quant", "m_scale", "m_absmax", "m_absmax_lanes"):
             sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+        _vectorize(sch, sch.get_loops(sch.get_sblock("m_scale"))[-1])  # 2 divisions per scale
     for name in ("otf_rows", "otf_cols"):
         blk = sch.get_sblock(name)
         t_, k_, a_, j_ = sch.get_loops(blk)[-4:]
@@ -293,6 +346,8 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
     _vectorize_lanes(sch, "m_absmax_lanes")
     if len(func.params) != 4:  # debug: M quantization at the root, parallel over positions
         sch.parallel(sch.get_loops(mq)[0])
+    if transpose:  # last: tensorize replaces the block compute_at analyses
+        sch.tensorize(ki, _tr.TRANSPOSE_FMA_INTRIN)
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 

@@ -185,6 +185,31 @@ def test_quantization_loops_stay_vector_loops():
     assert rounded and all("T.Ramp" in line for line in rounded)
 
 
+def _winoq_kernels(c: int, k: int, h: int, w: int, tile: int) -> dict[str, tvm.tirx.PrimFunc]:
+    model = torch.nn.Sequential(torch.nn.Conv2d(c, k, 3, padding=1)).eval()
+    mod, _, _ = prepare_module(model, torch.randn(1, c, h, w), default_config(tile=tile, group=8))
+    lowered = lower(mod, TARGET)
+    return {str(f.attrs["winoq.kernel"]): f for f in lowered.functions.values()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "winoq.kernel" in f.attrs}
+
+
+@pytest.mark.parametrize(("c", "k", "h", "w", "tile", "input_t", "output_t"), [
+    (16, 16, 16, 16, 4, 8, True),  # 8 | C, W; 8 | K, W and the tiles cover H, W exactly
+    (16, 8, 12, 12, 4, 4, False),  # W = 12: 4x4 input transposes; 8 does not divide W
+    (16, 16, 16, 16, 6, 8, False),  # F(6,3): 6 tiles do not cover 16 exactly
+    (12, 16, 7, 7, 4, None, False),  # nothing divides 7
+])
+def test_nchw_transposes_are_shuffles_where_they_fit(c, k, h, w, tile, input_t, output_t):
+    """The NCHW input read and the NCHW output store move whole vectors through shuffle transposes
+    where the shapes allow (else per-element gathers): checked on the scheduled TIR."""
+    funcs = _winoq_kernels(c, k, h, w, tile)
+    inp, out = funcs["input"].script(), funcs["output"].script()
+    assert ("T.Shuffle" in inp) == (input_t is not None)
+    if input_t is not None:
+        assert f"T.Ramp(0, 1, {input_t})" in inp
+    assert ("T.Shuffle" in out) == output_t
+
+
 def test_cpu_ops_loads_as_a_helper_module():
     ops = load_module("cpu_ops")
     assert callable(ops.schedule_conv2d_nchw) and ops.SCHEDULED == "tirx.is_scheduled"

@@ -46,6 +46,11 @@ CASES = [
     (4, 48, 40, 13, 7, 0, 2),
     (6, 48, 40, 13, 9, 1, 1),
     (6, 96, 32, 11, 11, 0, 1),
+    # shuffle transposes (schedules/cpu.py): input 8x8 (8 | C, W), output 8x8 (8 | K, W, tiles exact)
+    (4, 32, 16, 16, 16, 1, 1),
+    (6, 24, 8, 12, 24, 1, 2),
+    # input 4x4 only (W = 12), output per element
+    (2, 16, 24, 12, 12, 1, 1),
 ]
 
 
@@ -56,7 +61,8 @@ def test_scheduled_debug_kernels_match_reference_trace(tile, c, k, h, w, pad, ba
     _check_trace(layer(x), y, trace)
 
 
-@pytest.mark.parametrize(("tile", "c", "k", "h", "w", "pad", "batch"), [CASES[2], CASES[5]])
+@pytest.mark.parametrize(("tile", "c", "k", "h", "w", "pad", "batch"),
+                         [CASES[2], CASES[5], CASES[7], CASES[8]])
 def test_production_kernels_match_debug_kernels(tile, c, k, h, w, pad, batch):
     """The fused production GEMM/output kernels give the same M_f and y bits as the debug ones."""
     x, plan, y, trace = _case(tile, c, k, h, w, pad, batch)

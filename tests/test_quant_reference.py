@@ -46,7 +46,7 @@ def test_integer_reference_matches_independent_float64_recomputation(tile, pad):
     # 1. input quantization, recomputed in numpy float32
     xn = x.numpy().astype(np.float32)
     s_x = np.float32(np.abs(xn).max()) / np.float32(127)
-    np.testing.assert_array_equal(tr.x_q.numpy(), np.clip(np.round(xn / s_x), -qmax, qmax))
+    np.testing.assert_array_equal(tr.x_q.numpy(), np.clip(np.round(xn * (np.float32(1) / s_x)), -qmax, qmax))
     # 2. V from the float64 scaled transform of the quantized tiles, within half a quantization step
     at, g_, bt = (m.astype(np.float64) for m in transforms_for(cfg).numpy())
     bts = sc.s_b.numpy()[:, None] * bt
@@ -99,8 +99,11 @@ def test_fakequant_agrees_with_integer_reference(cfg):
     y = winograd_conv2d_int(x, plan_layer(wt, b, (1, 1), cfg, sc))
     yf = winograd_conv2d_fakequant(x, wt, b, (1, 1), cfg, transforms_for(cfg), sc.s_b.float(), sc.s_g.float())
     ref = conv2d_reference(x.double(), wt, b, (1, 1))
-    # the same rounding points up to float32 ties: far closer to each other than either is to FP32
-    assert sqnr_db(y, yf) > 45 and sqnr_db(y, yf) > sqnr_db(ref, y) + 20
+    # the same rounding points up to ties: far closer to each other than either is to FP32.  V is
+    # integer-valued before scaling, so x / s lands exactly on k + 1/2 often; x * (1 / s) (the
+    # quantizer, see quant/ops.py) moves such a tie by the reciprocal's rounding, differently for the
+    # scaled and the unscaled V of the fast path: +-1 step on those (f2g64: 48.9 dB vs 32.1 dB error)
+    assert sqnr_db(y, yf) > 45 and sqnr_db(y, yf) > sqnr_db(ref, y) + 15
 
 
 def test_fakequant_fast_path_equals_general_path():

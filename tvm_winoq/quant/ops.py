@@ -1,8 +1,11 @@
 """Quantization primitives shared by the integer reference, the fake-quant pipeline and the compiler.
 
-All scales are symmetric: ``s = absmax / qmax`` (a zero absmax gives ``s = 1``), ``q = clamp(round(x /
-s), -qmax, qmax)`` with round-half-to-even.  In float32 these are single IEEE operations, so any
-backend that performs the same operations (TIR ``nearbyint``, divide, max) reproduces them bit for bit.
+All scales are symmetric: ``s = absmax / qmax`` (a zero absmax gives ``s = 1``), ``q = clamp(round(x *
+(1 / s)), -qmax, qmax)`` with round-half-to-even.  In float32 these are single IEEE operations, so any
+backend that performs the same operations (TIR ``nearbyint``, divide, multiply, max) reproduces them bit
+for bit.  The reciprocal is rounded once per scale and then multiplied: a kernel divides once per scale
+instead of once per element (a vector divide costs ~10x a multiply; it was a quarter of the x86 input
+and output kernels), and every implementation (this module, the TIR kernels, NumPy) rounds the same way.
 """
 
 from __future__ import annotations
@@ -62,9 +65,14 @@ def round_nearest(x: torch.Tensor, rounding: str = "half-even") -> torch.Tensor:
     return r
 
 
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """``1 / scale``, one IEEE division per element (what every quantizer multiplies by)."""
+    return torch.ones_like(scale) / scale
+
+
 def quantize(t: torch.Tensor, scale: torch.Tensor, qmax: int, rounding: str = "half-even") -> torch.Tensor:
-    """``clamp(round(t / scale), -qmax, qmax)`` (values stay in ``t``'s float dtype)."""
-    return torch.clamp(round_nearest(t / scale, rounding), -qmax, qmax)
+    """``clamp(round(t * (1 / scale)), -qmax, qmax)`` (values stay in ``t``'s float dtype)."""
+    return torch.clamp(round_nearest(t * reciprocal(scale), rounding), -qmax, qmax)
 
 
 def quantize_grouped(t: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +96,13 @@ def fake_quant_grouped(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Differentiable fake quantization of ``[P, R, C]`` (straight-through rounding)."""
     c = t.shape[-1]
     s = expand_groups(scale_from_absmax(group_absmax(t, spec), spec.qmax), c, spec.granularity.group_size(c))
-    return torch.clamp(_RoundSTE.apply(t / s), -spec.qmax, spec.qmax) * s
+    return torch.clamp(_RoundSTE.apply(t * reciprocal(s)), -spec.qmax, spec.qmax) * s
 
 
 def fake_quant_tensor(t: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-tensor fake quantization (straight-through)."""
     s = scale_from_absmax(t.abs().amax(), qmax)
-    return torch.clamp(_RoundSTE.apply(t / s), -qmax, qmax) * s
+    return torch.clamp(_RoundSTE.apply(t * reciprocal(s)), -qmax, qmax) * s
 
 
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -236,9 +236,15 @@ if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
 
 
 def _quant(value: tirx.PrimExpr, scale: tirx.PrimExpr, qmax: int, dtype: str) -> tirx.PrimExpr:
-    """``clamp(nearbyint(value / scale), -qmax, qmax)`` cast to ``dtype``."""
+    """``clamp(nearbyint(value * (1 / scale)), -qmax, qmax)`` cast to ``dtype``
+    (:func:`~tvm_winoq.quant.ops.quantize`; LLVM hoists ``1 / scale`` out of loops where it is invariant)."""
+    return _quant_r(value, tirx.const(1.0, "float32") / scale, qmax, dtype)
+
+
+def _quant_r(value: tirx.PrimExpr, rscale: tirx.PrimExpr, qmax: int, dtype: str) -> tirx.PrimExpr:
+    """:func:`_quant` with the reciprocal ``1 / scale`` given (computed once per scale, in a buffer)."""
     q = tirx.const(float(qmax), "float32")
-    r = tirx.call_intrin("float32", "tirx.nearbyint", value / scale)
+    r = tirx.call_intrin("float32", "tirx.nearbyint", value * rscale)
     return tirx.Cast(dtype, tirx.max(tirx.min(r, q), -q))
 
 
@@ -316,6 +322,7 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         tmp = T.sblock_alloc_buffer((t, n, n, c), "int32")  # BT_int d (per tile)
         vs = T.sblock_alloc_buffer((n, n, t, c), "float32")  # V_s = float(BT_int d BT_int^T) * beta
         vmax = T.sblock_alloc_buffer((p, t, gv), "float32")
+        rsv = T.sblock_alloc_buffer((p, t, gv), "float32")  # 1 / s_v, once per scale
         vlane = T.sblock_alloc_buffer((t, p, gv, lv), "float32")  # per tile: GPU schedules move blocks
         quantize_input(x, xmax, sx, xp)
         for it in range(t):  # everything after the input quantization is per tile
@@ -349,11 +356,12 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                     v0 = T.axis.spatial(t, it)
                     v1, v2 = T.axis.remap("SS", [i0, i1])
                     sv[v1, v0, v2] = _scale(vmax[v1, v0, v2], qv)
+                    rsv[v1, v0, v2] = T.float32(1) / _scale(vmax[v1, v0, v2], qv)
             for i0, i1 in T.grid(p, c):
                 with T.sblock("v_quant"):
                     v0 = T.axis.spatial(t, it)
                     v1, v2 = T.axis.remap("SS", [i0, i1])
-                    vq[v1, v0, v2] = _quant(vs[v1 // n, v1 % n, v0, v2], sv[v1, v0, v2 // gs], qv, vq_dt)
+                    vq[v1, v0, v2] = _quant_r(vs[v1 // n, v1 % n, v0, v2], rsv[v1, v0, v2 // gs], qv, vq_dt)
 
     return winoq_input
 
@@ -585,6 +593,7 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     def body(mf, sx, bias, mq, sm, y):
         mmax = T.sblock_alloc_buffer((pm, tm, gm), "float32")
         mlane = T.sblock_alloc_buffer((pm, tm, gm, lm), "float32")
+        rsm = T.sblock_alloc_buffer((pm, tm, gm), "float32")  # 1 / s_m, once per scale
         o1 = T.sblock_alloc_buffer((t, m, n, k), "float32")  # channels innermost (vectorized)
         yt = T.sblock_alloc_buffer((t, m, m, k), "float32")
         for i0, i1, i2, i3, i4, i5, i6 in T.grid(pm, tm, gm, lm, rp, rt, gs // lm):
@@ -605,10 +614,11 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
             with T.sblock("m_scale"):
                 v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
                 sm[v0, v1, v2] = _scale(mmax[v0, v1, v2], qm)
+                rsm[v0, v1, v2] = T.float32(1) / _scale(mmax[v0, v1, v2], qm)
         for i0, i1, i2 in T.grid(p, t, k):
             with T.sblock("m_quant"):
                 v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                mq[v0, v1, v2] = _quant(mf[v0, v1, v2], sm[v0 * on_p, v1 * on_t, v2 // gs], qm, mq_dt)
+                mq[v0, v1, v2] = _quant_r(mf[v0, v1, v2], rsm[v0 * on_p, v1 * on_t, v2 // gs], qm, mq_dt)
         for i0, i1, i2, i3 in T.grid(t, k, m, n):
             with T.sblock("otf_rows"):
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
