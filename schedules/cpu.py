@@ -6,9 +6,10 @@ kernels produce the same bits as the naive ones (checked by ``tests/test_kernels
 
 * ``input``: per-tensor absmax vectorized via ``rfactor``; quantize/pad parallel over padded rows,
   reading each input row through an NHWC copy made of 8x8 / 4x4 shuffle transposes (a tensor
-  intrinsic, where 8 or 4 divides C and W; else channel vectors gathered); per tile row (parallel)
-  and tile: row transform computed at the tile, column transform, V absmax and V quantization fused
-  under the tile loop, transform loops unrolled (folding the constant matrices), channels vectorized.
+  intrinsic, where 8 or 4 divides C and W; else channel vectors gathered); per tile (parallel) and
+  chunk of 64 channels (whole V scale groups, so a tile's intermediates stay in L1): row transform,
+  column transform, V absmax and V quantization, transform loops unrolled (folding the constant
+  matrices), channels vectorized.
 * ``gemm``: output tile ``[tt tiles x vk channels]`` of int32 accumulators per (position, tile block),
   parallel over (position, tile block); per channel group: the channel loop outside, ``vk`` output
   channels vectorized (``k``-inner), then the fma dequantization vectorized over ``vk``.
@@ -53,11 +54,12 @@ def _vectorize(sch: Schedule, loop: object, lanes: int = 16) -> None:
 
 
 def _scale_group(sch: Schedule, block: object, scale: str) -> int:
-    """Channels per scale in ``block``: ``g`` of its ``scale[..., c // g]`` read (1 if it has none)."""
+    """Channels per scale in ``block``: ``g`` of its ``scale[..., c // g]`` (or reciprocal ``r<scale>``)
+    read (1 if it has none)."""
     for region in sch.get(block).reads:
         last = region.region[-1].min
         divides = isinstance(last, tirx.FloorDiv) and isinstance(last.b, tirx.IntImm)
-        if region.source.name == scale and divides:
+        if region.source.name in (scale, f"r{scale}") and divides:
             return int(last.b)
     return 1
 
@@ -153,6 +155,27 @@ def _transposed_read(sch: Schedule, block: object) -> Schedule | None:
     return trial
 
 
+def _channel_chunks(sch: Schedule, chunk: int) -> None:
+    """Per tile, run the transforms and the V quantization on ``chunk`` channels at a time (whole V
+    scale groups) so a tile's intermediates stay in L1 (320 channels: 92 KB per tile): every stage's
+    channel (or group) loop is split, moved right under the tile loop and the loops merged."""
+    vq = sch.get_sblock("v_quant")
+    group = _scale_group(sch, vq, "sv")
+    channels = _extent(sch, sch.get_loops(vq)[-1])
+    size = max(chunk // group, 1) * group
+    if group < 1 or channels <= size or channels % size:
+        return
+    outer = []
+    for name, axis, step in (("tf_rows", 3, size), ("tf_cols", 3, size), ("v_absmax_lanes", 2, size // group),
+                             ("v_absmax", 2, size // group), ("v_scale", 2, size // group),
+                             ("v_quant", 2, size)):
+        loops = sch.get_loops(sch.get_sblock(name))
+        co, ci = sch.split(loops[axis], [None, step])
+        sch.reorder(co, *loops[1:axis], ci)
+        outer.append(co)
+    sch.merge(*outer)
+
+
 def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Schedule the ``input`` kernel (see the module docstring)."""
     sch = Schedule(func)
@@ -171,6 +194,7 @@ def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     # per tile (parallel): row transform, column transform, V absmax, V scale, V quantization
     t = sch.get_loops(sch.get_sblock("tf_rows"))[0]
     sch.parallel(t)
+    _channel_chunks(sch, 64)
     for name in ("tf_rows", "tf_cols"):
         i, j, ch = sch.get_loops(sch.get_sblock(name))[-3:]
         sch.unroll(i)

@@ -51,6 +51,8 @@ CASES = [
     (6, 24, 8, 12, 24, 1, 2),
     # input 4x4 only (W = 12), output per element
     (2, 16, 24, 12, 12, 1, 1),
+    # 128 channels: the input kernel's tile work in chunks of 64 channels (two V scale groups)
+    (4, 128, 16, 8, 8, 1, 1),
 ]
 
 
@@ -95,6 +97,12 @@ def test_learned_scales_nested_groups_and_zero_input():
     out = compile_layer(plan, tuple(x.shape), TARGET, debug=True)(x)
     _check_trace(out, y, trace)
     assert out["s_x"][0] == 1.0 and not out["v_q"].any()
+
+
+def test_channel_chunks_with_small_v_groups():
+    """Chunks of 64 channels = 8 V scale groups of 8 (vectors must not cross a group)."""
+    x, plan, y, trace = _case(4, 128, 24, 8, 12, 1, cfg=groupwise(tile=4, group=8))
+    _check_trace(compile_layer(plan, tuple(x.shape), TARGET, debug=True)(x), y, trace)
 
 
 def test_m_scales_spanning_tiles():
