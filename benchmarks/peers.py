@@ -390,6 +390,8 @@ register_impl("ncnn-int8-direct", ncnn_int8(None), note="ncnn int8 Convolution, 
 # fidelity study): on these random He-initialised layers F(4,3) reaches ~20 dB, F(6,3) ~15 dB vs float64,
 # so our rows have a 12 dB floor -- still far above a wrong answer (<= 0 dB); the SQNR is in every table.
 WINOGRAD_FLOOR_DB = 12.0
+register_impl("ours-f2", tvm_winoq(2), min_sqnr_db=WINOGRAD_FLOOR_DB,
+              note="tvm_winoq compile_model, default_config(tile=2, group=32), learned scales")
 register_impl("ours-f4", tvm_winoq(4), min_sqnr_db=WINOGRAD_FLOOR_DB,
               note="tvm_winoq compile_model, default_config(tile=4, group=32), learned scales")
 register_impl("ours-f6", tvm_winoq(6), min_sqnr_db=WINOGRAD_FLOOR_DB,
