@@ -65,6 +65,28 @@ def test_tiny_model_export_and_fresh_process(tmp_path):
     np.testing.assert_array_equal(cm.runner()(x), y)
 
 
+def test_runner_takes_aligned_input_without_copy_and_any_other_with_one():
+    """64-byte aligned CPU input (PyTorch's allocations) goes in through DLPack, other input is copied
+    into the runner's kept tensor: same results, the caller's arrays untouched, outputs not aliased."""
+    from benchmarks.peers import aligned
+
+    model, x = _tiny()
+    run = compile_model(model, x, groupwise(tile=4), target=TARGET).runner()
+    xa = aligned(x.numpy())
+    buf = np.empty(xa.size + 1, np.float32)
+    xu = buf[1:].reshape(xa.shape)  # 4 bytes off the 64-byte boundary
+    xu[...] = xa
+    assert xa.ctypes.data % 64 == 0 and xu.ctypes.data % 64 != 0
+    y_torch, y_aligned = run(x).copy(), run(xa).copy()
+    assert run._input is None  # no copy so far
+    y_unaligned = run(xu)
+    assert run._input is not None
+    np.testing.assert_array_equal(y_aligned, y_torch)
+    np.testing.assert_array_equal(y_unaligned, y_torch)
+    np.testing.assert_array_equal(xa, x.numpy())
+    np.testing.assert_array_equal(xu, x.numpy())
+
+
 def test_params_as_input_gives_same_executable_result():
     model, x = _tiny()
     imp = import_model(model, x, keep_params_as_input=True)
