@@ -265,7 +265,7 @@ def schedule_packed_gemm(func: tirx.PrimFunc, cw: int, tt: int, kk: int,
     reduction of one group; ``loops`` = (unit loops..., tiles, channels, reduction).  The fma
     dequantization over groups is scheduled as in :func:`schedule_gemm` (``g`` serial, in order).
     In a kernel with the int16 ``vq_wide``/``uq_wide`` stages of
-    :func:`~tvm_winoq.relax.kernels.gemm_kernel` the packed ``U`` is ``uq_wide``'s int16 buffer; a
+    :func:`~tvm_winoq.relax.gemm.gemm_kernel` the packed ``U`` is ``uq_wide``'s int16 buffer; a
     ``u_q`` parameter that is already packed (``[P, Cp/cw, K, cw]`` or ``[P, K/kb, Cp/cw, kb, cw]``, at
     compile time) is read as it is.
     A ``vq_wide`` stage is computed per register block of tiles (all channels), where the micro-kernel

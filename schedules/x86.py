@@ -13,7 +13,7 @@ here; nothing for x86 int8 is registered upstream):
   call read and wrote all of ``U`` on every call (most of the GEMM's time at 512@7, 4 tiles).  A GEMM
   whose ``U`` is not a constant is rebuilt by :func:`widen_gemm` to pack ``U`` to int16 once per call;
 * ``v_q`` is widened to int16 per register block of tiles (all channels, while it is in L1; the
-  ``vq_wide`` stage of :func:`tvm_winoq.relax.kernels.gemm_kernel`, same values, the rebuilt kernel
+  ``vq_wide`` stage of :func:`tvm_winoq.relax.gemm.gemm_kernel`, same values, the rebuilt kernel
   checked to be the generator's), so the pair of a tile is one 32-bit broadcast from memory (a
   load-port ``vpbroadcastd``; sign-extending int8 pairs in the loop cost two shuffle uops per pair,
   the port-5 bottleneck that made this GEMM ~1.7x slower at 64@56);
@@ -47,7 +47,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from tvm_winoq.relax.kernels import GemmShape, UPacking, gemm_kernel
+from tvm_winoq.relax.gemm import GemmShape, UPacking, gemm_kernel
 from tvm_winoq.relax.schedules import load_family
 
 __all__ = ["PMADDWD_INTRIN", "VPDPBUSD_INTRIN", "gemm_lanes", "prepack_gemm", "schedule_gemm",
@@ -208,7 +208,7 @@ def vnni(target: tvm.target.Target) -> bool:
 
 def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.PrimFunc, UPacking] | None:
     """``(kernel, packing)``: ``func`` taking ``u_q`` packed at compile time as ``[P, K/kb, Cp/cw, kb, cw]``
-    (:class:`~tvm_winoq.relax.kernels.UPacking`, ``kb`` = the register block's output channels, so each
+    (:class:`~tvm_winoq.relax.gemm.UPacking`, ``kb`` = the register block's output channels, so each
     block's ``U`` is one contiguous stream); ``None`` where the micro-kernel does not apply (then ``U``
     is packed per call, or not at all).
 

@@ -10,7 +10,7 @@ import tvm
 from tvm_winoq.config import default_config
 from tvm_winoq.convert import quantize_model
 from tvm_winoq.relax.build import compile_model, lower, prepare_module
-from tvm_winoq.relax.kernels import GemmShape, UPacking, gemm_kernel, pack_u
+from tvm_winoq.relax.gemm import GemmShape, UPacking, gemm_kernel, pack_u
 from tvm_winoq.relax.prepack import PrepackGemmWeights
 from tvm_winoq.relax.schedules import load_family
 from tvm_winoq.targets import get_preset, host_features

@@ -36,9 +36,10 @@ from ..config import QuantSpec
 from ..quant.ops import n_groups
 from ..quant.plan import WinogradLayerPlan
 from ..winograd.tiling import TileGeometry, geometry
+from .gemm import GemmShape, UPacking, clamp_index, gemm_kernel, pack_u
 
-__all__ = ["GroupQuant", "KernelSpec", "UPacking", "gemm_func", "input_func", "input_quant_macro",
-           "layer_constants", "output_func", "pack_u"]
+__all__ = ["GemmShape", "GroupQuant", "KernelSpec", "UPacking", "gemm_func", "gemm_kernel", "input_func",
+           "input_quant_macro", "layer_constants", "output_func", "pack_u"]
 
 
 @dataclass(frozen=True)
@@ -202,15 +203,6 @@ def _select(index: tirx.PrimExpr, values: Sequence[tirx.PrimExpr]) -> tirx.PrimE
     return out
 
 
-def _clamp_index(index: tirx.PrimExpr, size: int, padded: int) -> tirx.PrimExpr:
-    """``min(index, size - 1)`` when a partial last group pads the axis to ``padded`` (else ``index``).
-
-    Re-reading the last channel is harmless for a max, and multiplies zero-padded ``U`` rows in the GEMM;
-    it keeps the loop nests predicate-free (affine), which the schedules need.
-    """
-    return index if padded == size else tirx.min(index, size - 1)
-
-
 def _join(outer: tirx.PrimExpr, inner: tirx.PrimExpr, outer_ext: int, inner_ext: int) -> tirx.PrimExpr:
     """``outer + inner`` for a (scale axis, reduced axis) pair where one of them has extent 1."""
     return outer if inner_ext == 1 else inner if outer_ext == 1 else outer + inner
@@ -343,7 +335,7 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                     with T.init():
                         vlane[v0, v1, v2, v3] = T.float32(0)
                     vlane[v0, v1, v2, v3] = T.max(vlane[v0, v1, v2, v3], T.fabs(
-                        vs[v1 // n, v1 % n, v0, _clamp_index(v2 * gs + v4 * lv + v3, c, gv * gs)]))
+                        vs[v1 // n, v1 % n, v0, clamp_index(v2 * gs + v4 * lv + v3, c, gv * gs)]))
             for i0, i1, i2 in T.grid(p, gv, lv):
                 with T.sblock("v_absmax"):
                     v0 = T.axis.spatial(t, it)
@@ -371,199 +363,6 @@ def gemm_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     return gemm_kernel(GemmShape(spec.positions, spec.tiles, spec.in_channels, spec.out_channels,
                                  spec.gemm_group, spec.gemm_groups, spec.sv_shape[2], spec.v.group,
                                  spec.v.dtype), debug)
-
-
-@dataclass(frozen=True)
-class GemmShape:
-    """What a ``gemm`` kernel is made of: positions ``p``, tiles ``t``, channels ``c`` -> ``k``, GEMM
-    groups (``ng`` of ``gg`` channels), V scale groups (``gv`` of ``gsv`` channels), ``v_q``'s dtype."""
-
-    p: int
-    t: int
-    c: int
-    k: int
-    gg: int
-    ng: int
-    gv: int
-    gsv: int
-    vq_dtype: str
-
-
-def gemm_kernel(s: GemmShape, debug: bool = False, widen: bool = False, u_pack: int = 0,
-                u_kblock: int = 0, v_offset: int = 0) -> tirx.PrimFunc:
-    """The ``gemm`` PrimFunc of shape ``s`` (see :func:`gemm_func`).
-
-    ``widen`` (int8 ``v_q`` only) adds two elementwise stages, ``vq_wide`` and ``uq_wide``, that copy
-    ``v_q`` and ``u_q`` to int16 before the reduction reads them (same values, same result): a schedule
-    can then place them (a packed int16 ``U`` once per call, a block of ``V`` per register block) so its
-    micro-kernel loads operands that need no sign extension (``schedules/x86.py``).
-
-    ``u_pack = cw`` takes ``u_q`` already packed, ``[P, Cp/cw, K, cw]`` (:func:`pack_u`: ``cw`` input
-    channels of one output channel contiguous), as a compile-time constant; with ``widen`` then only
-    ``v_q`` is widened.  ``u_kblock = kb`` (with ``u_pack``) blocks the output channels too,
-    ``[P, K/kb, Cp/cw, kb, cw]``: the ``U`` of one block of ``kb`` output channels is contiguous, so a
-    schedule that walks a channel block over all input channels streams it (with ``[P, Cp/cw, K, cw]``
-    it touched ``kb * cw`` bytes per ``K * cw``-byte row: at 512@7, where ``U`` is 9.4 MB and read once
-    per call, a new page every few rows).
-
-    ``v_offset = o`` (with ``u_pack``, int8 ``v_q``, no partial channel group, not ``debug``) is for an
-    unsigned x signed micro-kernel such as ``vpdpbusd``: a ``vq_u8`` stage shifts ``v_q`` to ``uint8``
-    ``v + o``, the reduction sums ``(v + o) * u``, and the kernel takes one more constant after ``s_u``,
-    ``u_c`` [P, Gg, K] int32 = ``o`` x the sum of ``u`` over each channel group (:meth:`UPacking.
-    extras`), so the dequantization reads ``acc - u_c``: the same integers.
-    """
-    p, t, c, k, gg, ng = s.p, s.t, s.c, s.k, s.gg, s.ng
-    cp = gg * ng
-    gv, gsv, vq_dt = s.gv, s.gsv, s.vq_dtype
-    widen = widen and vq_dt == "int8"
-    cw = u_pack or 1
-    packed = u_pack > 0
-    kb = u_kblock if packed and u_kblock else 0
-    if kb and k % kb:
-        raise ValueError(f"gemm_kernel: {k} output channels are not a multiple of the block {kb}")
-    if v_offset and not (packed and vq_dt == "int8" and cp == c and not debug and not widen):
-        raise ValueError("gemm_kernel: v_offset needs a packed U, int8 v_q, whole channel groups, no "
-                         "widening and no debug outputs")
-    offset = bool(v_offset)
-
-    def acc_at(acc: tirx.Buffer, uc: tirx.Buffer | None, pp: tirx.PrimExpr, tt: tirx.PrimExpr,
-               kk: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
-        return acc[pp, tt, kk, g] if uc is None else acc[pp, tt, kk, g] - uc[pp, g, kk]
-
-    @T.macro
-    def dequant(sv, su, acc, uc, mf):
-        for i0, i1, i2, i3 in T.grid(p, t, k, ng):
-            with T.sblock("gemm_dequant"):
-                v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])
-                with T.init():
-                    mf[v0, v1, v2] = T.float32(0)
-                mf[v0, v1, v2] = T.fma(
-                    T.Cast("float32", acc_at(acc, uc, v0, v1, v2, v3)),
-                    sv[v0, v1, (v3 * gg) // gsv] * su[v0, v3, v2], mf[v0, v1, v2])
-
-    def u_at(ua: tirx.Buffer, pp: tirx.PrimExpr, cc: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
-        if kb:
-            return ua[pp, kk // kb, cc // cw, kk % kb, cc % cw]
-        return ua[pp, cc // cw, kk, cc % cw] if packed else ua[pp, cc, kk]
-
-    @T.macro
-    def reduce(va, ua, acc):
-        for i0, i1, i2, i3, i4 in T.grid(p, t, k, ng, gg):
-            with T.sblock("gemm_acc"):
-                v0, v1, v2, v3, v4 = T.axis.remap("SSSSR", [i0, i1, i2, i3, i4])
-                with T.init():
-                    acc[v0, v1, v2, v3] = 0
-                acc[v0, v1, v2, v3] = acc[v0, v1, v2, v3] + (
-                    T.Cast("int32", va[v0, v1, _clamp_index(v3 * gg + v4, c, cp)])
-                    * T.Cast("int32", u_at(ua, v0, v3 * gg + v4, v2)))
-
-    @T.macro
-    def body(vq, sv, uq, su, acc, mf, uc):
-        if offset:
-            vu = T.sblock_alloc_buffer((p, t, c), "uint8")
-            for i0, i1, i2 in T.grid(p, t, c):
-                with T.sblock("vq_u8"):
-                    v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                    vu[v0, v1, v2] = T.Cast("uint8", T.Cast("int16", vq[v0, v1, v2]) + T.int16(v_offset))
-            reduce(vu, uq, acc)
-            dequant(sv, su, acc, uc, mf)
-        else:
-            if widen:
-                vw = T.sblock_alloc_buffer((p, t, c), "int16")
-                for i0, i1, i2 in T.grid(p, t, c):
-                    with T.sblock("vq_wide"):
-                        v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                        vw[v0, v1, v2] = T.Cast("int16", vq[v0, v1, v2])
-                if packed:
-                    reduce(vw, uq, acc)
-                else:
-                    uw = T.sblock_alloc_buffer((p, cp, k), "int16")
-                    for i0, i1, i2 in T.grid(p, cp, k):
-                        with T.sblock("uq_wide"):
-                            v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                            uw[v0, v1, v2] = T.Cast("int16", uq[v0, v1, v2])
-                    reduce(vw, uw, acc)
-            else:
-                reduce(vq, uq, acc)
-            dequant(sv, su, acc, None, mf)
-
-    u_shape = (p, k // kb, cp // cw, kb, cw) if kb else (p, cp // cw, k, cw) if packed else (p, cp, k)
-    if debug:
-        @T.prim_func(s_tir=True, private=True)
-        def winoq_gemm_debug(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
-                             uq: T.Buffer(u_shape, "int8"), su: T.Buffer((p, ng, k), "float32"),
-                             acc: T.Buffer((p, t, k, ng), "int32"), mf: T.Buffer((p, t, k), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            body(vq, sv, uq, su, acc, mf, None)
-
-        return winoq_gemm_debug
-
-    if offset:
-        @T.prim_func(s_tir=True, private=True)
-        def winoq_gemm_offset(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
-                              uq: T.Buffer(u_shape, "int8"), su: T.Buffer((p, ng, k), "float32"),
-                              uc: T.Buffer((p, ng, k), "int32"), mf: T.Buffer((p, t, k), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            acc = T.sblock_alloc_buffer((p, t, k, ng), "int32")
-            body(vq, sv, uq, su, acc, mf, uc)
-
-        return winoq_gemm_offset
-
-    @T.prim_func(s_tir=True, private=True)
-    def winoq_gemm(vq: T.Buffer((p, t, c), vq_dt), sv: T.Buffer((p, t, gv), "float32"),
-                   uq: T.Buffer(u_shape, "int8"), su: T.Buffer((p, ng, k), "float32"),
-                   mf: T.Buffer((p, t, k), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        acc = T.sblock_alloc_buffer((p, t, k, ng), "int32")
-        body(vq, sv, uq, su, acc, mf, None)
-
-    return winoq_gemm
-
-
-def pack_u(u_q: np.ndarray, cw: int, kb: int = 0) -> np.ndarray:
-    """``u_q`` ``[P, Cp, K]`` -> ``[P, Cp/cw, K, cw]``, or with ``kb`` ``[P, K/kb, Cp/cw, kb, cw]`` (the
-    layouts of ``gemm_kernel(..., u_pack=cw, u_kblock=kb)``)."""
-    p, cp, k = u_q.shape
-    if cp % cw:
-        raise ValueError(f"pack_u: {cp} channels are not a multiple of {cw}")
-    if kb and k % kb:
-        raise ValueError(f"pack_u: {k} output channels are not a multiple of {kb}")
-    packed = u_q.reshape(p, cp // cw, cw, k).transpose(0, 1, 3, 2)  # [P, Cp/cw, K, cw]
-    if kb:
-        packed = packed.reshape(p, cp // cw, k // kb, kb, cw).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(packed)
-
-
-@dataclass(frozen=True)
-class UPacking:
-    """How a prepacked GEMM kernel takes its constant ``u_q``: packed by :func:`pack_u` (``cw``, ``kb``)
-    and, with ``v_offset`` (``gemm_kernel(..., v_offset=...)``), followed by the constant ``u_c`` of
-    channel groups of ``group``."""
-
-    cw: int
-    kb: int = 0
-    v_offset: int = 0
-    group: int = 0
-
-    def __post_init__(self) -> None:
-        if self.cw < 1 or self.kb < 0 or not 0 <= self.v_offset <= 255 or (self.v_offset and self.group < 1):
-            raise ValueError(f"UPacking: bad packing {self}")
-
-    def pack(self, u_q: np.ndarray) -> np.ndarray:
-        """``u_q`` ``[P, Cp, K]`` in this layout (:func:`pack_u`)."""
-        return pack_u(u_q, self.cw, self.kb)
-
-    def extras(self, u_q: np.ndarray) -> list[np.ndarray]:
-        """The constants the kernel takes after ``s_u``: with ``v_offset``, ``u_c`` [P, Gg, K] int32 =
-        ``v_offset`` x the sum of ``u_q`` over each ``group`` input channels; else none."""
-        if not self.v_offset:
-            return []
-        p, cp, k = u_q.shape
-        group = self.group
-        if cp % group:
-            raise ValueError(f"UPacking: {cp} channels are not a multiple of the group {group}")
-        sums = u_q.astype(np.int64).reshape(p, cp // group, group, k).sum(axis=2) * self.v_offset
-        return [np.ascontiguousarray(sums.astype(np.int32))]
 
 
 def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
@@ -603,7 +402,7 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                     mlane[v0, v1, v2, v3] = T.float32(0)
                 mlane[v0, v1, v2, v3] = T.max(mlane[v0, v1, v2, v3], T.fabs(mf[
                     _join(v0, v4, pm, rp), _join(v1, v5, tm, rt),
-                    _clamp_index(v2 * gs + v6 * lm + v3, k, gm * gs)]))
+                    clamp_index(v2 * gs + v6 * lm + v3, k, gm * gs)]))
         for i0, i1, i2, i3 in T.grid(pm, tm, gm, lm):
             with T.sblock("m_absmax"):
                 v0, v1, v2, v3 = T.axis.remap("SSSR", [i0, i1, i2, i3])

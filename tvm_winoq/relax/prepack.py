@@ -4,7 +4,7 @@ A schedule family may export ``prepack_gemm(func, target) -> (kernel, UPacking) 
 (``schedules/x86.py`` does). For every ``R.call_tir(winoq_gemm_*, (v_q, s_v, U_q, s_U), ...)`` whose
 ``U_q`` is a constant and whose kernel the family accepts, the call is rewritten to the family's kernel
 (added once per kernel, as ``<name>_prepacked``) on ``U_q`` packed as the hook's
-:class:`~.kernels.UPacking` says (plus the constants it adds), computed here with NumPy::
+:class:`~.gemm.UPacking` says (plus the constants it adds), computed here with NumPy::
 
     mf = R.call_tir(winoq_gemm_*, (vq, sv, U_q, s_U), m_f)
     # becomes
@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 
 from .calls import is_call_tir, mutate_relax_functions
-from .kernels import UPacking
+from .gemm import UPacking
 
 __all__ = ["PrepackGemmWeights"]
 
