@@ -82,6 +82,7 @@ def lower(
     Families with a ``prepack_gemm`` hook get the constant ``U`` of every GEMM that is not tuned packed
     at compile time (:class:`.prepack.PrepackGemmWeights`).
     """
+    from .legalize import cpu_legalize_map
     from .schedules import schedules_for
 
     family = schedules_for(target) if schedule else None
@@ -90,7 +91,7 @@ def lower(
             mod = family.schedule_winoq_kernels(_prepack(mod, family, target), target)
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(cpu_legalize_map() if target.kind.name == "llvm" else None),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
