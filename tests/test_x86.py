@@ -20,7 +20,8 @@ import tvm
 from tvm_winoq.config import groupwise
 from tvm_winoq.quant import plan_layer, winograd_conv2d_int
 from tvm_winoq.relax.build import compile_layer
-from tvm_winoq.relax.kernels import GemmShape, KernelSpec, gemm_func, gemm_kernel
+from tvm_winoq.relax.gemm import GemmShape, gemm_kernel
+from tvm_winoq.relax.kernels import KernelSpec, gemm_func
 from tvm_winoq.relax.schedules import family_for, schedules_for
 from tvm_winoq.targets import get_preset
 

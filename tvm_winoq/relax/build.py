@@ -191,7 +191,7 @@ class LoadedModel:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if tuple(arr.shape) != tuple(self.input_shape):
             raise ModelError(f"input shape {arr.shape} != compiled shape {tuple(self.input_shape)}")
-        if self._zero_copy and arr.ctypes.data % _ALIGN == 0:
+        if _on_cpu(self.device) and arr.ctypes.data % _ALIGN == 0:
             inp = tvm.runtime.from_dlpack(arr)
         else:
             if self._input is None:
@@ -203,10 +203,6 @@ class LoadedModel:
         if any(out.same_as(t) for t in (inp, *self.params)):  # main returned an argument
             return out.numpy()
         return _to_numpy(out)
-
-    @property
-    def _zero_copy(self) -> bool:
-        return self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
 
     def time(self, x: np.ndarray, repeat: int = 10) -> float:
         """Median seconds per call of ``main`` (VM ``time_evaluator``)."""
@@ -220,9 +216,13 @@ _ALIGN = 64
 """Byte alignment TVM requires of a tensor's data (``from_dlpack`` refuses less)."""
 
 
+def _on_cpu(device: tvm.runtime.Device) -> bool:
+    return device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+
+
 def _to_numpy(t: tvm.runtime.Tensor) -> np.ndarray:
     """A host tensor as a NumPy array sharing its memory (DLPack); a copy for device tensors."""
-    if t.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+    if _on_cpu(t.device):
         return np.from_dlpack(t)
     return t.numpy()
 

@@ -36,10 +36,10 @@ from ..config import QuantSpec
 from ..quant.ops import n_groups
 from ..quant.plan import WinogradLayerPlan
 from ..winograd.tiling import TileGeometry, geometry
-from .gemm import GemmShape, UPacking, clamp_index, gemm_kernel, pack_u
+from .gemm import GemmShape, clamp_index, gemm_kernel
 
-__all__ = ["GemmShape", "GroupQuant", "KernelSpec", "UPacking", "gemm_func", "gemm_kernel", "input_func",
-           "input_quant_macro", "layer_constants", "output_func", "pack_u"]
+__all__ = ["GroupQuant", "KernelSpec", "gemm_func", "input_func", "input_quant_macro", "layer_constants",
+           "output_func"]
 
 
 @dataclass(frozen=True)

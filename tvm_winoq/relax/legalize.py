@@ -43,10 +43,9 @@ def group_norm_nchw(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, groups: int
         name="group_norm_partial",
     )
     rl = te.reduce_axis((0, lanes), "rl")
-    total = te.compute((n, groups), lambda b, g: te.sum(part_sum[b, g, rl], axis=rl), name="group_norm_sum")
-    rl2 = te.reduce_axis((0, lanes), "rl2")
-    total_sq = te.compute((n, groups), lambda b, g: te.sum(part_sq[b, g, rl2], axis=rl2),
-                          name="group_norm_sum_sq")
+    total, total_sq = te.compute(
+        (n, groups), lambda b, g: pair((part_sum[b, g, rl], part_sq[b, g, rl]), axis=rl),
+        name="group_norm_sum")
     inv_count = tirx.const(1.0 / (cg * h * w), x.dtype)
     eps = tirx.const(epsilon, x.dtype)
 
@@ -63,7 +62,7 @@ def _group_norm(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     from tvm.relax.transform.legalize_ops.nn import _nn_group_norm
 
     ty = call.args[0].ty
-    dims = ty.shape if _float32(call.args[0]) else None
+    dims = ty.shape if isinstance(ty, relax.TensorType) and ty.dtype == "float32" else None
     shape = [int(v) if isinstance(v, tirx.IntImm) else None for v in dims or []]
     axes = [int(a) for a in call.attrs.axes]
     lanes = next((ln for ln in GROUP_NORM_LANES if len(shape) == 4 and shape[3] and shape[3] % ln == 0), 0)
@@ -82,22 +81,19 @@ def sigmoid_fast_exp(x: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, lambda *i: one / (one + e(*i)), name="sigmoid")
 
 
+def _sigmoid_te(arg: relax.Expr):
+    """The sigmoid TE function for ``arg``: :func:`sigmoid_fast_exp` for float32, else TOPI's."""
+    ty = arg.ty
+    return sigmoid_fast_exp if isinstance(ty, relax.TensorType) and ty.dtype == "float32" else topi.sigmoid
+
+
 def _sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _float32(call.args[0]):
-        return bb.call_te(topi.sigmoid, call.args[0], primfunc_name_hint="tir_sigmoid")
-    return bb.call_te(sigmoid_fast_exp, call.args[0], primfunc_name_hint="sigmoid")
+    return bb.call_te(_sigmoid_te(call.args[0]), call.args[0], primfunc_name_hint="sigmoid")
 
 
 def _silu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _float32(call.args[0]):
-        return bb.call_te(lambda x: topi.multiply(x, topi.sigmoid(x)), call.args[0],
-                          primfunc_name_hint="silu")
-    return bb.call_te(lambda x: topi.multiply(x, sigmoid_fast_exp(x)), call.args[0],
-                      primfunc_name_hint="silu")
-
-
-def _float32(arg: relax.Expr) -> bool:
-    return isinstance(arg.ty, relax.TensorType) and arg.ty.dtype == "float32"
+    sig = _sigmoid_te(call.args[0])
+    return bb.call_te(lambda x: topi.multiply(x, sig(x)), call.args[0], primfunc_name_hint="silu")
 
 
 def cpu_legalize_map() -> dict[str, object]:
