@@ -31,7 +31,7 @@ Call = Callable[[], np.ndarray]
 Factory = Callable[[np.ndarray, np.ndarray, np.ndarray, int], Call]
 DEFAULT_SHAPES = ("64@56", "128@28", "256@14", "512@7", "320@64", "640@32")
 # preset: the target preset our rows are built for (run_layers --preset; default the main job's "host")
-_STATE: dict[str, Any] = {"passive": False, "tvm_threads": None, "tvm": {}, "preset": "host"}
+_STATE: dict[str, Any] = {"passive": False, "tvm_threads": None, "tvm": {}, "preset": "host", "choices": {}}
 
 
 class Unavailable(RuntimeError):
@@ -333,7 +333,7 @@ def set_preset(name: str) -> None:
     _STATE["preset"] = get_preset(host_preset(best=True).name if name == "best" else name).name
 
 
-def tvm_winoq(tile: int, group: int = 32, best: bool = False) -> Factory:
+def tvm_winoq(tile: int, group: int = 32, best: bool = False, measured: bool = False) -> Factory:
     """Ours: ``tvm_winoq.relax.build.compile_model`` on one ``nn.Conv2d``, the shipped default config
     (``default_config(tile, group)``: group-wise V, M per output channel).
 
@@ -342,6 +342,9 @@ def tvm_winoq(tile: int, group: int = 32, best: bool = False) -> Factory:
     same ISA as the peers' int8 kernels (ONNX Runtime picks VNNI at run time); that row is skipped where
     it would be the same preset.  Threads via TVM's pool.  Scales are learned data-free for the layer
     (200 SGD steps on Gaussian inputs, as ``winoq compile`` does).
+    With ``measured`` (for ``host_preset(best=True)``, whatever the run's preset), the layer is the
+    faster of Winograd and int8 direct as measured by ``winoq compile``'s ``measure`` phase
+    (:func:`tvm_winoq.speed_choice.measure_layer_choices`, at the row's thread count).
     Any import/build problem of the module makes the row skipped.
     """
 
@@ -353,16 +356,19 @@ def tvm_winoq(tile: int, group: int = 32, best: bool = False) -> Factory:
             from tvm_winoq.config import default_config
             from tvm_winoq.finetune import ConvLayer, FinetuneSettings, finetune_scales
             from tvm_winoq.relax.build import compile_model
+            from tvm_winoq.speed_choice import measure_layer_choices
             from tvm_winoq.targets import get_preset, host_preset
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"tvm_winoq.relax.build not usable: {type(e).__name__}: {e}") from e
         preset = _STATE["preset"]
-        if best:
+        if measured:
+            preset = host_preset(best=True).name
+        elif best:
             preset = host_preset(best=True).name
             if get_preset(preset) == get_preset(_STATE["preset"]):
                 raise Unavailable(f"the best host preset is the run's preset ({preset})")
         cache = _STATE["tvm"]
-        key = (tile, group, preset, x.shape, hash(w.tobytes()), hash(b.tobytes()))
+        key = (tile, group, preset, measured, threads, x.shape, hash(w.tobytes()), hash(b.tobytes()))
         if key not in cache:
             conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
             with torch.no_grad():
@@ -371,10 +377,20 @@ def tvm_winoq(tile: int, group: int = 32, best: bool = False) -> Factory:
             cfg = default_config(tile=tile, group=group)
             layer = ConvLayer("conv", torch.from_numpy(w), torch.from_numpy(b), (1, 1), tuple(x.shape))
             scales = finetune_scales([layer], cfg, FinetuneSettings(steps=200), progress=False).shared
+            model, xt = torch.nn.Sequential(conv).eval(), torch.from_numpy(x)
+            target = get_preset(preset).tvm_target()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cm = compile_model(torch.nn.Sequential(conv).eval(), torch.from_numpy(x), cfg,
-                                   target=get_preset(preset).tvm_target(), scales=scales)
+                if measured:
+                    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+                    _STATE["tvm_threads"] = threads
+                    choice = measure_layer_choices(model, xt, cfg, target, scales=scales, log=lambda s: None)
+                    _STATE["choices"][f"{x.shape[1]}@{x.shape[2]}x{x.shape[3]} threads={threads}"] = [
+                        t.to_dict() for t in choice.timings]
+                    cfg = cfg.with_(layers=choice.layers)
+                    cm = choice.compiled or compile_model(model, xt, cfg, target=target, scales=scales)
+                else:
+                    cm = compile_model(model, xt, cfg, target=target, scales=scales)
             if not any(r.rewritten for r in cm.records):
                 raise Unavailable(f"the conv was not rewritten to Winograd: {cm.records}")
             while len(cache) >= 4:
@@ -411,6 +427,8 @@ register_impl("ours-f6", tvm_winoq(6), min_sqnr_db=WINOGRAD_FLOOR_DB,
               note="tvm_winoq compile_model, default_config(tile=6, group=32), learned scales")
 register_impl("ours-f4-best", tvm_winoq(4, best=True), min_sqnr_db=WINOGRAD_FLOOR_DB,
               note="as ours-f4, for host_preset(best=True) (x86-avx512-vnni on a VNNI CPU)")
+register_impl("ours-auto", tvm_winoq(4, measured=True), min_sqnr_db=WINOGRAD_FLOOR_DB,
+              note="as ours-f4-best, F(4,3) or int8 direct as measured faster (winoq compile's default)")
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -575,6 +593,7 @@ def run_benchmark(shapes: Iterable[Shape | str], threads: Sequence[int] = (1, 2)
             rows += group
             del calls, timings
     meta["loadavg_after"] = list(os.getloadavg())
+    meta["measured_choices"] = dict(_STATE["choices"])
     return {"meta": meta, "rows": [asdict(r) for r in rows]}
 
 

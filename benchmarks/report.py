@@ -98,6 +98,11 @@ def to_markdown(result: Mapping[str, Any]) -> str:
             sq = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
             out.append(f"| {shape} | {t} | {n} | {r['status']} | {sq} | " + " | ".join(num + vs) + " |")
     out += ["", "## Implementations", ""] + [f"- `{n}`: {d}" for n, d in meta["impls"].items()]
+    choices = meta.get("measured_choices") or {}
+    if choices:
+        out += ["", "## ours-auto: measured in the one-conv model", ""] + [
+            f"- {key}: " + "; ".join(", ".join(f"{c} {v:.3f} ms" for c, v in t["ms"].items())
+                                     + f" -> **{t['chosen']}**" for t in ts) for key, ts in choices.items()]
     notes = sorted({f"- `{r['impl']}` {r['shape']} threads={r['threads']}: {r['status']}: {r['reason']}"
                     for r in rows if r["status"] != "ok"})
     return "\n".join(out + (["", "## Not ok", ""] + notes if notes else []) + [""])

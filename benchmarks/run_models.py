@@ -3,7 +3,7 @@
     python -m benchmarks.run_models          # resnet18 + diffusion_unet, 1 and 2 threads
     python -m benchmarks.run_models --models resnet18 --threads 1 --tile 4 --markdown out.md --json out.json
 
-Per model (batch 1, the registered example input): ``ours`` is ``compile_model`` with the shipped
+Per model (batch 1, the registered example input): ``ours-f<tile>`` is ``compile_model`` with the shipped
 default config (F(``tile``,3), group-wise, M per output channel, scales learned data-free) for the
 ``--preset`` target, every other operator scheduled by the ``cpu``/``x86`` family; ``ort-int8`` is the
 model exported to ONNX (TorchScript exporter) and statically quantized by ONNX Runtime (QDQ, int8
@@ -34,7 +34,10 @@ from benchmarks import peers
 Call = Callable[[], np.ndarray]
 
 
-def _ours(model: Any, x: np.ndarray, tile: int, threads: int, steps: int) -> Call:
+def _ours(model: Any, x: np.ndarray, tile: int, threads: int, steps: int, measured: bool = False,
+          chosen: dict[str, str] | None = None) -> Call:
+    """Ours; with ``measured``, the layers ``winoq compile``'s ``measure`` phase finds faster as int8
+    direct are direct (written to ``chosen``)."""
     import torch
     import tvm
 
@@ -48,12 +51,20 @@ def _ours(model: Any, x: np.ndarray, tile: int, threads: int, steps: int) -> Cal
     xt = torch.from_numpy(x)
     layers = collect_layers(fold_batchnorm(model, xt), xt)
     scales = finetune_scales(layers, cfg, FinetuneSettings(steps=steps), progress=False).shared
+    target = get_preset(peers._STATE["preset"]).tvm_target()
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cm = compile_model(model, xt, cfg, target=get_preset(peers._STATE["preset"]).tvm_target(),
-                           scales=scales)
+        if measured:
+            from tvm_winoq.speed_choice import measure_layer_choices
+
+            choice = measure_layer_choices(model, xt, cfg, target, scales=scales, log=lambda s: None)
+            (chosen if chosen is not None else {}).update(choice.layers)
+            cm = choice.compiled or compile_model(model, xt, cfg.with_(layers=choice.layers), target=target,
+                                                  scales=scales)
+        else:
+            cm = compile_model(model, xt, cfg, target=target, scales=scales)
     runner = cm.runner()
-    tvm.get_global_func("runtime.config_threadpool")(1, threads)
     return lambda: runner(x)
 
 
@@ -123,8 +134,10 @@ def run(models: list[str], threads: list[int], tile: int, repeat: int, budget_s:
             out = model(xt)
         ref = (out[0] if isinstance(out, tuple) else out).numpy()
         for n in threads:
+            chosen: dict[str, str] = {}
             calls = {"torch-fp32": _torch_fp32(model, x, n), "ort-int8": _ort_int8(model, x, n, calib),
-                     f"ours-f{tile}": _ours(model, x, tile, n, steps)}
+                     f"ours-f{tile}": _ours(model, x, tile, n, steps),
+                     "ours-auto": _ours(model, x, tile, n, steps, measured=True, chosen=chosen)}
             checks = {}
             for impl, call in calls.items():
                 y = _first(call()).reshape(ref.shape)
@@ -137,7 +150,8 @@ def run(models: list[str], threads: list[int], tile: int, repeat: int, budget_s:
                 rows.append({"model": name, "threads": n, "impl": impl, **checks[impl],
                              "median_ms": 1e3 * med[impl], "min_ms": 1e3 * min(t.samples_s),
                              "cpu_per_wall": t.cpu_per_wall,
-                             "speedup": {o: med[o] / med[impl] for o in med if o != impl}})
+                             "speedup": {o: med[o] / med[impl] for o in med if o != impl},
+                             **({"direct_layers": sorted(chosen)} if impl == "ours-auto" else {})})
             print(f"{name} threads={n}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in med.items()),
                   file=sys.stderr, flush=True)
     info["loadavg_after"] = list(os.getloadavg())
@@ -159,6 +173,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         top = {True: "yes", False: "no"}.get(r.get("top1_agree"), "")
         lines.append(f"| {r['model']} | {r['threads']} | {r['impl']} | {r['sqnr_db']:.1f} | {top} | "
                      f"{r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['cpu_per_wall']:.2f} | {sp} |")
+    lines += ["", "`ours-auto`: as `ours-f*`, with the layers `winoq compile`'s `measure` phase times faster "
+              "as int8 direct (in the model, at the row's threads) made direct:", ""]
+    lines += [f"- {r['model']} threads={r['threads']}: {', '.join(r['direct_layers']) or 'none'}"
+              for r in result["rows"] if "direct_layers" in r]
     return "\n".join(lines) + "\n"
 
 

@@ -33,9 +33,9 @@ from tvm.s_tir import Schedule
 
 from tvm_winoq.relax.schedules import load_module
 
-__all__ = ["gemm_shape", "schedule_direct", "schedule_gemm", "schedule_input", "schedule_other_ops",
-           "schedule_output", "schedule_kernels_with_gemm", "schedule_packed_gemm",
-           "schedule_winoq_kernels"]
+__all__ = ["gemm_shape", "schedule_direct", "schedule_direct_dequant", "schedule_input_quant",
+           "schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
+           "schedule_kernels_with_gemm", "schedule_packed_gemm", "schedule_winoq_kernels"]
 
 _ops: ModuleType = load_module("cpu_ops")
 _SCHEDULED, _extent, _divisor, _has_block = _ops.SCHEDULED, _ops.extent, _ops.divisor, _ops.has_block
@@ -178,19 +178,7 @@ def _channel_chunks(sch: Schedule, chunk: int) -> None:
 
 def schedule_input(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Schedule the ``input`` kernel (see the module docstring)."""
-    sch = Schedule(func)
-    _absmax_rfactor(sch, "x_absmax")
-    # quantize + pad + NCHW->NHWC: parallel over padded rows, channels vectorized
-    q = sch.get_sblock("x_quant")
-    n, h, w, c = sch.get_loops(q)
-    row = sch.fuse(n, h)
-    sch.parallel(row)
-    transposed = _transposed_read(sch, q)
-    if transposed is not None:
-        sch = transposed
-        _vectorize(sch, c)
-    else:
-        _vectorize_gathered_channels(sch, w, c)
+    sch = schedule_input_quant(Schedule(func))
     # per tile (parallel): row transform, column transform, V absmax, V scale, V quantization
     t = sch.get_loops(sch.get_sblock("tf_rows"))[0]
     sch.parallel(t)
@@ -380,11 +368,7 @@ def schedule_direct(func: tirx.PrimFunc, tile_w: int = 4, lanes: int = 16) -> ti
     tiles of ``tile_w`` output columns x ``lanes`` output channels (int32 accumulators in registers,
     channels vectorized, columns unrolled), parallel over (image, output row, channel block), with the
     dequantization computed per tile right after its accumulation."""
-    sch = Schedule(func)
-    _absmax_rfactor(sch, "x_absmax")
-    n, h, _, c = sch.get_loops(sch.get_sblock("x_quant"))
-    sch.parallel(sch.fuse(n, h))
-    _vectorize(sch, c)
+    sch = schedule_input_quant(Schedule(func))
     blk = sch.get_sblock("conv_acc")
     n, oh, ow, k, *red = sch.get_loops(blk)
     tw = _divisor(_extent(sch, ow), (tile_w, 7, 5, 6, 3, 2))
@@ -401,14 +385,37 @@ def schedule_direct(func: tirx.PrimFunc, tile_w: int = 4, lanes: int = 16) -> ti
     sch.vectorize(sch.get_loops(sch.get_sblock("conv_acc_init"))[-1])
     sch.reverse_compute_at(local, owo)
     sch.vectorize(sch.get_loops(local)[-1])
+    schedule_direct_dequant(sch, row)
+    return sch.mod["main"].with_attr(_SCHEDULED, True)
+
+
+def schedule_input_quant(sch: Schedule) -> Schedule:
+    """The input quantization of the ``input`` and ``direct`` kernels (``x_absmax``, ``x_quant``): absmax
+    in vector partial maxima; quantize + pad + NCHW->NHWC parallel over padded rows, channels vectorized,
+    the NCHW rows read through shuffle transposes where they fit (:func:`_transposed_read`).  Returns the
+    schedule to go on with (the transposed read works on a copy)."""
+    _absmax_rfactor(sch, "x_absmax")
+    q = sch.get_sblock("x_quant")
+    n, h, w, c = sch.get_loops(q)
+    sch.parallel(sch.fuse(n, h))
+    transposed = _transposed_read(sch, q)
+    if transposed is not None:
+        _vectorize(transposed, c)
+        return transposed
+    _vectorize_gathered_channels(sch, w, c)
+    return sch
+
+
+def schedule_direct_dequant(sch: Schedule, row: object) -> None:
+    """The direct kernel's dequantization under ``row`` (the parallel loop of its accumulation, while the
+    tile is in cache), else as its own loop nest parallel over (image, channel)."""
     dq = sch.get_sblock("dequant")
-    try:  # per (image, row, channel block): the tile is dequantized while it is in cache
+    try:
         sch.reverse_compute_at(dq, row)
     except Exception:  # noqa: BLE001 - a separate loop nest, parallel over (image, channel)
         n, k, _, ow = sch.get_loops(dq)
         sch.parallel(sch.fuse(n, k))
         _vectorize(sch, ow, 8)
-    return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
 _SCHEDULES = {"input": schedule_input, "gemm": schedule_gemm, "output": schedule_output,
@@ -421,11 +428,13 @@ def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.
     return schedule_kernels_with_gemm(mod, schedule_gemm)
 
 
-def schedule_kernels_with_gemm(mod: tvm.IRModule,
-                               gemm: Callable[[tirx.PrimFunc], tirx.PrimFunc]) -> tvm.IRModule:
-    """The CPU schedules of every ``winoq.kernel`` PrimFunc, ``gemm`` for the GEMM kernels (the families
-    that tensorize the GEMM reuse the rest)."""
-    table = _SCHEDULES | {"gemm": gemm}
+def schedule_kernels_with_gemm(
+    mod: tvm.IRModule, gemm: Callable[[tirx.PrimFunc], tirx.PrimFunc],
+    direct: Callable[[tirx.PrimFunc], tirx.PrimFunc] | None = None,
+) -> tvm.IRModule:
+    """The CPU schedules of every ``winoq.kernel`` PrimFunc, ``gemm`` for the GEMM kernels and ``direct``
+    (if given) for the direct ones (the families that tensorize them reuse the rest)."""
+    table = _SCHEDULES | {"gemm": gemm} | ({"direct": direct} if direct is not None else {})
 
     @tvm.tirx.transform.prim_func_pass(opt_level=0, name="ScheduleWinoqKernels")
     def _pass(func: tirx.PrimFunc, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tirx.PrimFunc:

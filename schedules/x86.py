@@ -8,7 +8,7 @@ here; nothing for x86 int8 is registered upstream):
 
 * ``u_q`` is packed to ``[P, K/kb, Cp/2, kb, 2]`` (one ``L``-lane operand = ``L`` output channels x 2
   input channels, sign-extended on load; ``kb`` = the register block's channels) at compile time:
-  :func:`prepack_gemm` is this family's hook for :class:`tvm_winoq.relax.prepack.PrepackGemmWeights`,
+  :func:`prepack_gemm` is this family's hook for :class:`tvm_winoq.relax.prepack.PrepackWeights`,
   which packs the constant with NumPy.  Packing per
   call read and wrote all of ``U`` on every call (most of the GEMM's time at 512@7, 4 tiles).  A GEMM
   whose ``U`` is not a constant is rebuilt by :func:`widen_gemm` to pack ``U`` to int16 once per call;
@@ -27,6 +27,11 @@ channels per lane, 64 multiply-adds per instruction): ``U`` is packed in quads a
 operand, broadcast), and the dequantization subtracts ``128 * sum(u)`` per channel group, a
 compile-time int32 constant ``u_c`` (``gemm_kernel(..., v_offset=128)``): the same integers, about
 twice the ``vpdpwssd`` kernel's speed (320@64: 16.0 -> 7.5 ms).
+
+The int8 direct kernel gets the same treatment on AVX-512 VNNI (:func:`prepack_direct`,
+:func:`schedule_direct`): weights packed at compile time in quads of input channels per block of output
+channels, the input quantized to ``uint8`` ``q + 128``, ``128 * sum(w)`` subtracted per output channel
+in the dequantization (:func:`tvm_winoq.relax.direct.packed_direct_func`).
 
 ``L`` = 8 (ymm, AVX2) or 16 (zmm, when the target has AVX-512 BW).  Register block: 4 tiles x ``2L``
 output channels (8 accumulators).  Integer sums are exact in any order and the fma chain over groups
@@ -47,11 +52,13 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from tvm_winoq.relax.direct import DirectPacking, DirectSpec, packed_direct_func
 from tvm_winoq.relax.gemm import GemmShape, UPacking, gemm_kernel
 from tvm_winoq.relax.schedules import load_family
 
-__all__ = ["PMADDWD_INTRIN", "VPDPBUSD_INTRIN", "gemm_lanes", "prepack_gemm", "schedule_gemm",
-           "schedule_other_ops", "schedule_winoq_kernels", "vnni", "widen_gemm"]
+__all__ = ["PMADDWD_INTRIN", "VPDPBUSD_INTRIN", "gemm_lanes", "prepack_direct", "prepack_gemm",
+           "schedule_direct", "schedule_gemm", "schedule_other_ops", "schedule_winoq_kernels",
+           "tensorized_direct", "vnni", "widen_gemm"]
 
 _cpu: ModuleType = load_family("cpu")
 
@@ -284,9 +291,68 @@ def _with_attrs_of(new: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
     return new.with_attrs(func.attrs) if func.attrs is not None else new
 
 
+def tensorized_direct(target: tvm.target.Target) -> bool:
+    """Whether :func:`schedule_direct` runs dense direct convs on a dot-product micro-kernel for
+    ``target`` (AVX-512 VNNI): only then can int8 direct beat Winograd, and ``winoq compile``'s
+    ``measure`` phase is worth its two builds."""
+    return vnni(target)
+
+
+def prepack_direct(func: tirx.PrimFunc,
+                   target: tvm.target.Target) -> tuple[tirx.PrimFunc, DirectPacking] | None:
+    """``(kernel, packing)``: the plain direct kernel ``func`` rebuilt on weights packed at compile time
+    for the ``vpdpbusd`` micro-kernel (:func:`~tvm_winoq.relax.direct.packed_direct_func`: quads of input
+    channels, blocks of ``kb`` output channels, the input shifted to ``uint8``); ``None`` without AVX-512
+    VNNI, for grouped convs, channels that do not fit, or anything but the plain kernel."""
+    spec = DirectSpec.of_func(func)
+    if spec is None or not vnni(target):
+        return None
+    packing = DirectPacking(_k_block(spec.out_channels, gemm_lanes(target)))
+    if not packing.fits(spec) or spec.out_channels % gemm_lanes(target):
+        return None
+    return _with_attrs_of(packed_direct_func(spec, packing), func), packing
+
+
+def schedule_direct(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """Schedule a ``direct`` kernel: the packed one (:func:`prepack_direct`) with the ``vpdpbusd``
+    micro-kernel, any other with the ``cpu`` schedule.
+
+    Register block: ``tw`` output columns x ``kb`` output channels (``kb / 16`` zmm accumulators per
+    column, at most 16 in all); per (kernel tap, input quad) one 32-bit broadcast of the input per column
+    and one ``vpdpbusd`` per 16 channels; parallel over (image, channel block, output row), so one
+    channel block's weights stay in cache over its rows; dequantized per row.
+    """
+    if len(func.params) != 6:
+        return _cpu.schedule_direct(func)
+    lanes = gemm_lanes(target)
+    sch = _cpu.schedule_input_quant(Schedule(func))
+    blk = sch.get_sblock("conv_acc")
+    n, oh, ow, ko, ki, r, s_, c4, ci = sch.get_loops(blk)
+    kb = _cpu._extent(sch, ki)
+    fitting = tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // lanes <= 16)
+    tw = _cpu._divisor(_cpu._extent(sch, ow), fitting)
+    owo, owi = sch.split(ow, [None, tw])
+    kbo, kl = sch.split(ki, [None, lanes])
+    sch.reorder(n, ko, oh, owo, r, s_, c4, owi, kbo, kl, ci)
+    row = sch.fuse(n, ko, oh)
+    sch.parallel(row)
+    local = sch.cache_write(blk, 0, "global")  # compacted to [tw, kb] under owo: registers
+    sch.reverse_compute_at(local, owo)
+    sch.vectorize(sch.get_loops(local)[-1])
+    _cpu.schedule_direct_dequant(sch, row)
+    sch.decompose_reduction(blk, r)
+    sch.unroll(owi)
+    sch.unroll(kbo)
+    sch.vectorize(sch.fuse(*sch.get_loops(sch.get_sblock("conv_acc_init"))[-2:]))
+    sch.tensorize(kl, VPDPBUSD_INTRIN[lanes])  # last: the tensorized block defeats compute-at analyses
+    return sch.mod["main"].with_attr(_cpu._SCHEDULED, True)
+
+
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule every ``winoq.kernel`` PrimFunc of ``mod``: ``cpu`` schedules, the GEMM tensorized."""
-    return _cpu.schedule_kernels_with_gemm(mod, lambda func: schedule_gemm(func, target))
+    """Schedule every ``winoq.kernel`` PrimFunc of ``mod``: ``cpu`` schedules, the GEMM and the packed
+    direct kernel tensorized."""
+    return _cpu.schedule_kernels_with_gemm(mod, lambda func: schedule_gemm(func, target),
+                                           lambda func: schedule_direct(func, target))
 
 
 def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

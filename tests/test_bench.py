@@ -56,7 +56,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def _compile(env: Path, target: str) -> Path:
     out = env / f"out-{target}"
     if not out.exists():
-        args = ["compile", str(env / "net.py"), "--target", target, "--tile", "4", "--scales", "standard"]
+        args = ["compile", str(env / "net.py"), "--target", target, "--tile", "4", "--scales", "standard",
+                "--fallback", "none"]
         assert main([*args, "-o", str(out)]) == 0
     return out
 

@@ -36,9 +36,11 @@ def test_compile_and_run_user_model(tmp_path, model_file, monkeypatch, capsys):
     assert main(["compile", str(model_file), "--tile", "4", "--steps", "20", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "2 of 3 conv2d rewritten" in text and "stride 2" in text
+    # host = host-avx2: its direct kernel is not tensorized, nothing to measure
+    assert "[measure] skipped for host-avx2: its schedules have no tensorized int8 direct kernel" in text
     assert {p.name for p in out.iterdir()} == {"module.so", "module.json", "config.json", "report.txt"}
     meta = json.loads((out / "config.json").read_text())
-    assert meta["config"]["tile"] == 4 and meta["scales"] is not None
+    assert meta["config"]["tile"] == 4 and meta["scales"] is not None and meta["measured_choices"] is None
     res_path = tmp_path / "res.json"
     assert main(["run", str(out), "--repeat", "2", "--threads", "1", "--json", str(res_path)]) == 0
     res = json.loads(res_path.read_text())
@@ -52,7 +54,7 @@ def test_compile_keep_params_and_direct_layer(tmp_path, model_file, monkeypatch,
     monkeypatch.setenv("WINOQ_TUNE_LOGS_DIR", str(tmp_path / "tune_logs"))
     out = tmp_path / "out"
     args = ["compile", str(model_file), "--tile", "2", "--scales", "standard", "--keep-params",
-            "--layer", "5=direct", "-o", str(out)]
+            "--layer", "5=direct", "--fallback", "none", "-o", str(out)]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "2 of 3 conv2d rewritten to int8 Winograd F(2,3), 1 to int8 direct" in text
@@ -76,6 +78,7 @@ def test_compile_keep_params_and_direct_layer(tmp_path, model_file, monkeypatch,
         (["--layer", "0=f5"], "layers"),
         (["--layer", "nochoice"], "name=choice"),
         (["--tile", "1"], "tile"),
+        (["--fallback", "fastest"], "fallback"),
     ],
 )
 def test_compile_bad_input_is_one_line_and_writes_nothing(tmp_path, model_file, capsys, args, needle):

@@ -199,6 +199,10 @@ def test_ours_builds_and_runs_or_is_skipped(layer):
         pytest.skip(str(e))
     y = call()
     assert y.shape == ref.shape and np.isfinite(y).all()
+    auto = peers._REGISTRY["ours-auto"].factory(x, w, b, 1)()  # measured F(4,3) vs direct, the faster
+    assert auto.shape == ref.shape and np.isfinite(auto).all()
+    (timings,) = [v for k, v in peers._STATE["choices"].items() if k.endswith("threads=1")]
+    assert len(timings) == 1 and set(timings[0]["ms"]) == {"f4", "direct"}
 
 
 @pytest.mark.tvm
@@ -210,10 +214,12 @@ def test_end_to_end_models_benchmark(tmp_path):
     peers.set_preset("host")
     result = run_models.run(["fmnist_resnet"], [1], 4, repeat=3, budget_s=1.0, steps=10, calib=2)
     rows = {r["impl"]: r for r in result["rows"]}
-    assert set(rows) == {"torch-fp32", "ort-int8", "ours-f4"}
-    assert rows["ort-int8"]["sqnr_db"] > 25 and rows["ours-f4"]["sqnr_db"] > 15
+    assert set(rows) == {"torch-fp32", "ort-int8", "ours-f4", "ours-auto"}
+    assert rows["ort-int8"]["sqnr_db"] > 25 and min(rows[n]["sqnr_db"] for n in ("ours-f4", "ours-auto")) > 15
     assert all(r["median_ms"] > 0 and r["top1_agree"] is not None for r in rows.values())
-    assert "| fmnist_resnet | 1 | ours-f4 |" in run_models.to_markdown(result)
+    md = run_models.to_markdown(result)
+    assert "| fmnist_resnet | 1 | ours-f4 |" in md and "- fmnist_resnet threads=1: " in md
+    assert isinstance(rows["ours-auto"]["direct_layers"], list)
     with pytest.raises(TargetError, match="unknown target preset"):
         peers.set_preset("no-such-board")
 

@@ -1,4 +1,5 @@
-"""PrepackGemmWeights: the GEMM's constant U packed at compile time (x86 family), same results."""
+"""PrepackWeights: the GEMM's constant U and the direct kernel's W packed at compile time (x86 family), same
+results."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tvm_winoq.config import default_config
 from tvm_winoq.convert import quantize_model
 from tvm_winoq.relax.build import compile_model, lower, prepare_module
 from tvm_winoq.relax.gemm import GemmShape, UPacking, gemm_kernel, pack_u
-from tvm_winoq.relax.prepack import PrepackGemmWeights
+from tvm_winoq.relax.prepack import PrepackWeights
 from tvm_winoq.relax.schedules import load_family
 from tvm_winoq.targets import get_preset, host_features
 
@@ -58,7 +59,7 @@ def test_declining_hook_changes_nothing() -> None:
         seen.append(str(func.attrs["winoq.kernel"]))
         return None
 
-    out = PrepackGemmWeights(hook, None)(mod)
+    out = PrepackWeights({"gemm": hook, "direct": hook}, None)(mod)
     tvm.ir.assert_structural_equal(out, mod)
     assert seen == ["gemm"]  # asked once per gemm kernel (both convs share one), never for others
 

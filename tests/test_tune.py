@@ -242,7 +242,8 @@ def env(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _opts(env: Path, **kw) -> CompileOptions:
-    return CompileOptions(model=str(env / "net1.py"), tile=4, scales="standard", **kw)
+    return CompileOptions(model=str(env / "net1.py"), tile=4, scales="standard",
+                          **({"fallback": "none"} | kw))
 
 
 @pytest.fixture(scope="module")

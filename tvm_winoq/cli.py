@@ -140,6 +140,7 @@ def _compile_options(a: argparse.Namespace):
         input_size=a.input_size,
         keep_params=a.keep_params,
         layers=parse_layer_overrides(a.layer or []),
+        fallback=getattr(a, "fallback", "measured"),
     )
 
 
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=CHOICE",
         help="per-layer override: f2|f4|f6|direct|float (repeatable)",
     )
+    c.add_argument("--fallback", default="measured",
+                   help="measured: int8 direct for the layers it runs faster, timed in the model on this "
+                   "machine (two extra builds; presets this machine cannot run are not measured); none: "
+                   "every eligible layer Winograd")
     ctl = c.add_mutually_exclusive_group()
     ctl.add_argument("--tune-log", default=None, help="apply this tune log (default: tune_logs/PRESET/MODEL)")
     ctl.add_argument("--no-tune-log", action="store_true", help="hand schedules only (ignore tune logs)")

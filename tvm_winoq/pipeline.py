@@ -1,8 +1,10 @@
 """``winoq compile`` / ``winoq run``: the end-to-end job as an ordered list of named phases.
 
-Phases: ``load`` (model + example input), ``finetune`` (data-free scales, cached), ``build`` (import,
-Winograd rewrite, lowering, TVM build for the preset), ``export`` (module + metadata, written atomically:
-an output folder is either complete or absent).
+Phases: ``load`` (model + example input), ``finetune`` (data-free scales, cached), ``measure`` (with
+``fallback="measured"`` and a preset this machine runs: which Winograd layers run faster as int8
+direct, timed in the model, :mod:`tvm_winoq.speed_choice`), ``build`` (import, Winograd rewrite,
+lowering, TVM build for the preset), ``export`` (module + metadata, written atomically: an output
+folder is either complete or absent).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .errors import ConfigError, ModelError, WinoqError
 from .finetune import FinetuneSettings, collect_layers
 
 SCALE_CHOICES = ("standard", "learned", "learned-per-layer")
+FALLBACK_CHOICES = ("measured", "none")
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,13 @@ class CompileOptions:
     input_size: int | None = None
     keep_params: bool = False
     layers: dict[str, str] = field(default_factory=dict)
+    fallback: str = "measured"
 
     def __post_init__(self) -> None:
         if self.scales not in SCALE_CHOICES:
             raise ConfigError(f"scales: must be one of {SCALE_CHOICES}, got {self.scales!r}")
+        if self.fallback not in FALLBACK_CHOICES:
+            raise ConfigError(f"fallback: must be one of {FALLBACK_CHOICES}, got {self.fallback!r}")
         if self.input_size is not None and self.input_size < 8:
             raise ConfigError(f"input_size: must be >= 8, got {self.input_size}")
 
@@ -164,23 +170,28 @@ def compile_job(
         job.finetune,
     )
     tune_log = resolve_tune_log(database, opts, spec, preset.tvm_target(), log)
-    with _phase("build", log):
-        compiled = compile_model(
-            model,
-            x,
-            cfg,
-            target=preset.tvm_target(),
-            scales=scales,
-            keep_params_as_input=opts.keep_params,
-            database=tune_log,
-        )
+    choice, compiled = _measure_phase(opts, job, tune_log, log)
+    if choice is not None:
+        cfg = cfg.with_(layers=choice.layers | dict(cfg.layers))
+    if compiled is None or opts.keep_params:
+        with _phase("build", log):
+            compiled = compile_model(
+                model,
+                x,
+                cfg,
+                target=preset.tvm_target(),
+                scales=scales,
+                keep_params_as_input=opts.keep_params,
+                database=tune_log,
+            )
     rewritten = [r for r in compiled.records if r.rewritten and r.kind != "direct"]
     direct = sum(r.kind == "direct" for r in compiled.records)
     report = [
         f"{len(rewritten)} of {len(compiled.records)} conv2d rewritten to int8 Winograd F({opts.tile},3)"
         + (f", {direct} to int8 direct" if direct else "")
     ]
-    report += [_record_line(r) for r in compiled.records]
+    measured = {t.name: t for t in choice.timings} if choice is not None else {}
+    report += [_record_line(r, measured.get(r.name)) for r in compiled.records]
     if tune_log is not None:
         report.append(
             f"{len(compiled.tuned)} PrimFuncs use tuned schedules from {tune_log.path}"
@@ -202,6 +213,7 @@ def compile_job(
         "finetune_report": ft.report if ft else [],
         "tune_log": str(tune_log.path) if tune_log is not None else None,
         "tuned": list(compiled.tuned),
+        "measured_choices": [t.to_dict() for t in choice.timings] if choice is not None else None,
     }
     with _phase("export", log):
         _export_atomic(out_dir, compiled, preset, meta, "\n".join(report) + "\n")
@@ -210,10 +222,38 @@ def compile_job(
     return meta
 
 
-def _record_line(r) -> str:
+def _measure_phase(opts: CompileOptions, job: PreparedJob, tune_log: Any,
+                   log: Callable[[str], None]) -> tuple[Any, Any]:
+    """The ``measure`` phase: ``(SpeedChoice | None, the measured build with its choices | None)``."""
+    preset = job.preset
+    if opts.fallback != "measured":
+        return None, None
+    from .relax.schedules import schedules_for
+    from .speed_choice import measure_layer_choices
+
+    missing = preset.missing_features()
+    family = schedules_for(preset.tvm_target())
+    why = (f"this machine lacks {', '.join(missing)}" if missing
+           else "this machine cannot run it" if preset.kind != "llvm" or preset.is_cross
+           else "its schedules have no tensorized int8 direct kernel"
+           if not getattr(family, "tensorized_direct", lambda t: False)(preset.tvm_target()) else None)
+    if why is not None:
+        log(f"[measure] skipped for {preset.name}: {why}; every eligible layer stays Winograd")
+        return None, None
+
+    with _phase("measure", log):
+        choice = measure_layer_choices(job.model, job.example_input, job.cfg, preset.tvm_target(),
+                                       scales=job.scales, database=tune_log, log=log)
+        log(f"  {len(choice.layers)} of {len(choice.timings)} Winograd layers measured faster as int8 direct")
+    return choice, choice.compiled
+
+
+def _record_line(r, timing=None) -> str:
     shape = f"{r.weight_shape[1]}->{r.weight_shape[0]}" if len(r.weight_shape) == 4 else "?"
     what = {"winograd": "Winograd", "direct": "direct  "}.get(r.kind, "left    ")
-    return f"  {r.name:36s} {shape:>11s}  {what}  {r.reason}"
+    why = "" if timing is None else (
+        " (measured " + ", ".join(f"{c} {v:.3f} ms" for c, v in timing.ms.items()) + ")")
+    return f"  {r.name:36s} {shape:>11s}  {what}  {r.reason}{why}"
 
 
 def _export_atomic(out_dir: Path, compiled, preset, meta: dict, report: str) -> None:

@@ -79,8 +79,8 @@ def lower(
     With ``schedule=False`` everything stays naive TIR (the module ``winoq tune`` extracts tasks from).
     A ``database`` (:class:`tvm_winoq.tune.TuneLog`) is applied to the fused module first: its tuned
     PrimFuncs (attribute ``winoq.tuned``) win over the hand schedules, which schedule the rest.
-    Families with a ``prepack_gemm`` hook get the constant ``U`` of every GEMM that is not tuned packed
-    at compile time (:class:`.prepack.PrepackGemmWeights`).
+    Families with ``prepack_gemm`` / ``prepack_direct`` hooks get the constant weights of every GEMM /
+    direct kernel that is not tuned packed at compile time (:class:`.prepack.PrepackWeights`).
     """
     from .legalize import cpu_legalize_map
     from .schedules import schedules_for
@@ -110,12 +110,14 @@ def lower(
 
 
 def _prepack(mod: tvm.IRModule, family: Any, target: tvm.target.Target) -> tvm.IRModule:
-    """The family's compile-time packing of constant GEMM weights (:mod:`.prepack`), if it has one."""
-    if not hasattr(family, "prepack_gemm"):
+    """The family's compile-time packing of constant kernel weights (:mod:`.prepack`), where it has hooks."""
+    hooks = {kind: getattr(family, f"prepack_{kind}") for kind in ("gemm", "direct")
+             if hasattr(family, f"prepack_{kind}")}
+    if not hooks:
         return mod
-    from .prepack import PrepackGemmWeights
+    from .prepack import PrepackWeights
 
-    return PrepackGemmWeights(family.prepack_gemm, target)(mod)
+    return PrepackWeights(hooks, target)(mod)
 
 
 def tuned_functions(mod: tvm.IRModule) -> list[str]:

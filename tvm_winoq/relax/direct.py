@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import tvm
+import tvm_ffi
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -31,7 +32,8 @@ from ..errors import ConfigError
 from ..quant.baselines import quantize_weight_per_channel
 from .kernels import input_quant_macro
 
-__all__ = ["DirectLayerExecutable", "DirectSpec", "compile_direct_layer", "direct_constants", "direct_func"]
+__all__ = ["DirectLayerExecutable", "DirectPacking", "DirectSpec", "compile_direct_layer", "direct_constants",
+           "direct_func", "packed_direct_func"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,24 @@ class DirectSpec:
     def group_out(self) -> int:
         """Output channels per group."""
         return self.out_channels // self.groups
+
+    def fields(self) -> list[int]:
+        """The spec as a flat list of ints (the ``winoq.direct_spec`` attribute of its kernels)."""
+        return [self.batch, self.in_channels, self.height, self.width, self.out_channels, *self.kernel,
+                *self.stride, *self.dilation, *self.padding, self.groups, self.act_qmax]
+
+    @staticmethod
+    def of_func(func: tirx.PrimFunc) -> DirectSpec | None:
+        """The spec whose plain kernel (:func:`direct_func`) ``func`` is, read from its
+        ``winoq.direct_spec`` attribute; ``None`` for anything else (a scheduled, packed or debug kernel)."""
+        attrs = func.attrs if func.attrs is not None else {}
+        if "winoq.direct_spec" not in attrs:
+            return None
+        f = [int(v) for v in attrs["winoq.direct_spec"]]
+        spec = DirectSpec(*f[:5], (f[5], f[6]), (f[7], f[8]), (f[9], f[10]), (f[11], f[12], f[13], f[14]),
+                          f[15], f[16])
+        plain = direct_func(spec).with_attrs(attrs)
+        return spec if tvm_ffi.structural_equal(plain, func) else None
 
     def key(self) -> str:
         """Short readable name fragment (``direct_c64_k128_3x3s2_56x56``)."""
@@ -202,7 +222,92 @@ def direct_func(spec: DirectSpec, debug: bool = False) -> tirx.PrimFunc:
         acc = T.sblock_alloc_buffer((nb, oh, ow, k), "int32")
         body(x, wq, sw, bias, xq, sx, acc, y)
 
-    return winoq_direct
+    return winoq_direct.with_attr("winoq.direct_spec", spec.fields())
+
+
+@dataclass(frozen=True)
+class DirectPacking:
+    """How a packed direct kernel (:func:`packed_direct_func`) takes its constant ``w_q``: output channels
+    in blocks of ``kb``, input channels in quads, ``[K/kb, KH, KW, C/4, kb, 4]`` (each block's weights one
+    contiguous stream, one quad per output channel a 32-bit lane), and the input shifted by ``x_offset``
+    (unsigned bytes ``q + x_offset``), undone exactly by the constant
+    ``w_c[k] = x_offset * sum(w_q[.., k])``."""
+
+    kb: int
+    x_offset: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kb < 1 or not 0 <= self.x_offset <= 128:
+            raise ValueError(f"DirectPacking: bad packing {self}")
+
+    def fits(self, spec: DirectSpec) -> bool:
+        """Whether ``spec`` can take this packing (dense, whole quads and channel blocks)."""
+        return spec.groups == 1 and spec.in_channels % 4 == 0 and spec.out_channels % self.kb == 0
+
+    def pack(self, w_q: np.ndarray) -> np.ndarray:
+        """``w_q`` ``[KH, KW, C, K]`` (:func:`direct_constants`) in this layout."""
+        kh, kw, c, k = w_q.shape
+        if c % 4 or k % self.kb:
+            raise ValueError(f"DirectPacking: {c} input / {k} output channels do not fit quads / blocks of "
+                             f"{self.kb}")
+        blocks = w_q.reshape(kh, kw, c // 4, 4, k // self.kb, self.kb)
+        return np.ascontiguousarray(blocks.transpose(4, 0, 1, 2, 5, 3))
+
+    def extras(self, w_q: np.ndarray) -> list[np.ndarray]:
+        """The constants the kernel takes after ``bias``: ``w_c`` [K] int32."""
+        sums = w_q.astype(np.int64).sum(axis=(0, 1, 2)) * self.x_offset
+        return [np.ascontiguousarray(sums.astype(np.int32))]
+
+
+def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFunc:
+    """Kernel ``direct`` on weights packed at compile time: ``(x, w_p, s_w, bias, w_c, y)``.
+
+    The same integers as :func:`direct_func`, laid out for a dot-product micro-kernel over input
+    channel quads (``vpdpbusd``: unsigned x signed bytes): ``x_q`` is stored as ``uint8`` ``q + x_offset``
+    (padding ``x_offset``), ``conv_acc`` sums ``(q + x_offset) * w`` over ``(r, s, c4, ci)`` with ``k`` split
+    ``(ko, ki)``, and ``dequant`` subtracts ``w_c[k]`` first, so ``acc - w_c`` is the plain kernel's
+    accumulator, bit for bit.
+    """
+    if not packing.fits(spec):
+        raise ConfigError(f"{spec.key()} does not fit the packed direct kernel ({packing})")
+    nb, c, h, w, k = spec.batch, spec.in_channels, spec.height, spec.width, spec.out_channels
+    kh, kw = spec.kernel
+    sh, sw_ = spec.stride
+    dh, dw = spec.dilation
+    hp, wp, oh, ow, kb = spec.padded_h, spec.padded_w, spec.out_h, spec.out_w, packing.kb
+    quantize_input = input_quant_macro((nb, c, h, w), (hp, wp), spec.padding[:2], spec.act_qmax, "uint8",
+                                       packing.x_offset)
+
+    @T.prim_func(s_tir=True, private=True)
+    def winoq_direct_packed(x: T.Buffer((nb, c, h, w), "float32"),
+                            wq: T.Buffer((k // kb, kh, kw, c // 4, kb, 4), "int8"),
+                            sw: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
+                            wc: T.Buffer((k,), "int32"), y: T.Buffer((nb, k, oh, ow), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        xq = T.sblock_alloc_buffer((nb, hp, wp, c), "uint8")
+        sx = T.sblock_alloc_buffer((1,), "float32")
+        xmax = T.sblock_alloc_buffer((1,), "float32")
+        acc = T.sblock_alloc_buffer((nb, oh, ow, k), "int32")
+        quantize_input(x, xmax, sx, xq)
+        for i0, i1, i2, i3, i4, i5, i6, i7, i8 in T.grid(nb, oh, ow, k // kb, kb, kh, kw, c // 4, 4):
+            with T.sblock("conv_acc"):
+                v0, v1, v2, ko, ki, v5, v6, c4, ci = T.axis.remap(
+                    "SSSSSRRRR", [i0, i1, i2, i3, i4, i5, i6, i7, i8])
+                with T.init():
+                    acc[v0, v1, v2, ko * kb + ki] = 0
+                acc[v0, v1, v2, ko * kb + ki] = acc[v0, v1, v2, ko * kb + ki] + (
+                    T.Cast("int32", xq[v0, v1 * sh + v5 * dh, v2 * sw_ + v6 * dw, c4 * 4 + ci])
+                    * T.Cast("int32", wq[ko, v5, v6, c4, ki, ci]))
+        for i0, i1, i2, i3 in T.grid(nb, k, oh, ow):
+            with T.sblock("dequant"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                y[v0, v1, v2, v3] = (T.Cast("float32", acc[v0, v2, v3, v1] - wc[v1]) * (sw[v1] * sx[0])
+                                     + bias[v1])
+
+    return winoq_direct_packed
+
+
+_CONSTS = ("w_q", "s_w", "bias", "w_c")  # the kernel's constant arguments, in order (``w_c``: packed only)
 
 
 @dataclass
@@ -222,7 +327,7 @@ class DirectLayerExecutable:
                       "s_x": ((1,), "float32"),
                       "acc": ((s.batch, s.out_h, s.out_w, s.out_channels), "int32")} | shapes
         bufs = {"x": tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32))}
-        bufs |= {n: tvm.runtime.tensor(self.consts[n]) for n in ("w_q", "s_w", "bias")}
+        bufs |= {n: tvm.runtime.tensor(self.consts[n]) for n in _CONSTS if n in self.consts}
         bufs |= {n: tvm.runtime.tensor(np.zeros(sh, dt)) for n, (sh, dt) in shapes.items()}
         return bufs
 
@@ -233,7 +338,7 @@ class DirectLayerExecutable:
             raise ConfigError(f"input shape {tuple(arr.shape)} does not match the kernel's {self.spec}")
         b = self._args(arr)
         self.module["winoq_direct"](*b.values())
-        out = {n: v.numpy() for n, v in b.items() if n not in ("x", "w_q", "s_w", "bias")}
+        out = {n: v.numpy() for n, v in b.items() if n != "x" and n not in _CONSTS}
         if self.debug:
             (t, left), h, w = self.spec.padding[:2], self.spec.height, self.spec.width
             out["x_q"] = out["x_q"][:, t:t + h, left:left + w].transpose(0, 3, 1, 2)
@@ -262,7 +367,8 @@ def compile_direct_layer(
     spec : DirectSpec
         Shapes of the layer.
     consts : dict
-        :func:`direct_constants` of its weights.
+        :func:`direct_constants` of its weights (packed here where the family packs them: its
+        ``prepack_direct`` hook, see ``schedules/x86.py``).
     target : Target, str or dict
         A CPU (LLVM) target.
     debug : bool
@@ -277,9 +383,14 @@ def compile_direct_layer(
     from .schedules import schedules_for
 
     tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    mod = tvm.IRModule({"winoq_direct": direct_func(spec, debug).with_attr("global_symbol", "winoq_direct")
-                        .with_attr("winoq.kernel", "direct")})
+    func = direct_func(spec, debug).with_attr("winoq.kernel", "direct")
     family = schedules_for(tgt) if schedule else None
+    packed = None if debug or family is None or not hasattr(family, "prepack_direct") else (
+        family.prepack_direct(func, tgt))
+    if packed is not None:
+        func, packing = packed
+        consts = consts | {"w_q": packing.pack(consts["w_q"]), "w_c": packing.extras(consts["w_q"])[0]}
+    mod = tvm.IRModule({"winoq_direct": func.with_attr("global_symbol", "winoq_direct")})
     if family is not None:
         mod = family.schedule_winoq_kernels(mod, tgt)
     return DirectLayerExecutable(spec, tvm.compile(mod, target=tgt).jit(), consts, debug)

@@ -227,28 +227,26 @@ if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
     tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
 
 
-def _quant(value: tirx.PrimExpr, scale: tirx.PrimExpr, qmax: int, dtype: str) -> tirx.PrimExpr:
-    """``clamp(nearbyint(value * (1 / scale)), -qmax, qmax)`` cast to ``dtype``
-    (:func:`~tvm_winoq.quant.ops.quantize`; LLVM hoists ``1 / scale`` out of loops where it is invariant)."""
-    return _quant_r(value, tirx.const(1.0, "float32") / scale, qmax, dtype)
-
-
-def _quant_r(value: tirx.PrimExpr, rscale: tirx.PrimExpr, qmax: int, dtype: str) -> tirx.PrimExpr:
-    """:func:`_quant` with the reciprocal ``1 / scale`` given (computed once per scale, in a buffer)."""
+def _quant_r(value: tirx.PrimExpr, rscale: tirx.PrimExpr, qmax: int, dtype: str,
+             offset: int = 0) -> tirx.PrimExpr:
+    """``clamp(nearbyint(value * rscale), -qmax, qmax)`` cast to ``dtype``
+    (:func:`~tvm_winoq.quant.ops.quantize` with the reciprocal ``rscale = 1 / scale``, computed once per
+    scale); ``offset`` is added before the cast (exact: small integers in float32)."""
     q = tirx.const(float(qmax), "float32")
-    r = tirx.call_intrin("float32", "tirx.nearbyint", value * rscale)
-    return tirx.Cast(dtype, tirx.max(tirx.min(r, q), -q))
+    r = tirx.max(tirx.min(tirx.call_intrin("float32", "tirx.nearbyint", value * rscale), q), -q)
+    return tirx.Cast(dtype, r + tirx.const(float(offset), "float32") if offset else r)
 
 
 def input_quant_macro(x_shape: Sequence[int], padded: Sequence[int], pad: Sequence[int], qmax: int,
-                      dtype: str) -> object:
+                      dtype: str, offset: int = 0) -> object:
     """``T.macro`` ``(x, xmax, sx, xp)``: per-tensor absmax of ``x`` [N,C,H,W] into ``xmax`` [1], its scale
     into ``sx`` [1], and ``x`` quantized, zero padded (``pad`` = top, left; ``padded`` = Hp, Wp) and
-    transposed into ``xp`` [N,Hp,Wp,C] of ``dtype`` (blocks ``x_absmax``, ``x_scale``, ``x_quant``)."""
+    transposed into ``xp`` [N,Hp,Wp,C] of ``dtype`` (blocks ``x_absmax``, ``x_scale``, ``x_quant``).
+    With ``offset``, ``xp`` holds ``q + offset`` (padding: ``offset``), e.g. ``uint8`` ``q + 128``."""
     nb, c, h, w = (int(d) for d in x_shape)
     hp, wp = (int(d) for d in padded)
     ph, pw = (int(d) for d in pad)
-    zero = tirx.const(0, dtype)
+    zero = tirx.const(offset, dtype)
 
     @T.macro
     def quant(x, xmax, sx, xp):
@@ -267,7 +265,8 @@ def input_quant_macro(x_shape: Sequence[int], padded: Sequence[int], pad: Sequen
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
                 xp[v0, v1, v2, v3] = T.if_then_else(
                     ph <= v1 and v1 < ph + h and pw <= v2 and v2 < pw + w,
-                    _quant(x[v0, v3, v1 - ph, v2 - pw], sx[0], qmax, dtype), zero)
+                    _quant_r(x[v0, v3, v1 - ph, v2 - pw], tirx.const(1.0, "float32") / sx[0], qmax, dtype,
+                             offset), zero)
 
     return quant
 

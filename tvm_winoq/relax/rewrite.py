@@ -72,7 +72,9 @@ def direct_kernel_func(spec: DirectSpec) -> dict[str, tvm.tirx.PrimFunc]:
 class RewriteRecord:
     """What the pass did with one ``conv2d`` call.
 
-    ``kind`` is ``"winograd"`` or ``"direct"`` (int8 direct kernel) when ``rewritten``, else ``"float"``.
+    ``kind`` is ``"winograd"`` or ``"direct"`` (int8 direct kernel) when ``rewritten``, else ``"float"``;
+    ``kernels`` the global names of the PrimFuncs it calls (shared by layers of one shape; a family may
+    later replace one by ``<name>_prepacked``).
     """
 
     name: str
@@ -81,6 +83,7 @@ class RewriteRecord:
     rewritten: bool
     reason: str
     kind: str = "float"
+    kernels: tuple[str, ...] = ()
 
 
 def _ints(values: object) -> tuple[int, ...]:
@@ -113,6 +116,7 @@ class _ConvRewriter(relax.PyExprMutator):
         self.uses: dict = {}
         self.fused_convs: list[relax.Expr] = []
         self.index = 0
+        self.last_kernels: tuple[str, ...] = ()
 
     # -- analysis -------------------------------------------------------------------------------
     def _prepare(self, func: relax.Function) -> None:
@@ -173,13 +177,13 @@ class _ConvRewriter(relax.PyExprMutator):
         return new if new is not None else super().visit_call_(call)
 
     def _record(self, conv: relax.Call, done: bool, reason: str, name: str | None = None,
-                kind: str = "float") -> None:
+                kind: str = "float", kernels: tuple[str, ...] = ()) -> None:
         w = _static_shape(conv.args[1]) or ()
         x = _static_shape(conv.args[0]) or ()
         if name is None:
             name = self._name(conv)
             self.index += 1
-        self.owner.records.append(RewriteRecord(name, w, x, done, reason, kind))
+        self.owner.records.append(RewriteRecord(name, w, x, done, reason, kind, kernels))
 
     def _name(self, conv: relax.Call) -> str:
         w = conv.args[1]
@@ -253,7 +257,7 @@ class _ConvRewriter(relax.PyExprMutator):
         plan = plan_layer(weight, b, (pad[0], pad[1]), lcfg, sc)
         out = self.emit_layer(x, plan, _static_shape(conv.args[0]))
         self._record(conv, True, f"F({lcfg.tile},3)" + (" + bias" if bias is not None else ""), name,
-                     "winograd")
+                     "winograd", self.last_kernels)
         return out
 
     def _rewrite_direct(self, conv: relax.Call, bias: np.ndarray | None, name: str,
@@ -282,15 +286,17 @@ class _ConvRewriter(relax.PyExprMutator):
         reason = "int8 direct" + (" + bias" if bias is not None else "")
         if why_not_winograd is not None and name in cfg.layers and cfg.layers[name] != "direct":
             reason += f" (Winograd not applicable: {why_not_winograd})"
-        self._record(conv, True, reason, name, "direct")
+        self._record(conv, True, reason, name, "direct", (gv.name_hint,))
         return out
 
     def emit_layer(self, x: relax.Expr, plan: object, x_shape: tuple[int, ...] | None) -> relax.Expr:
-        """Emit the three kernel calls of ``plan`` on ``x``; returns the (unbound) output call."""
+        """Emit the three kernel calls of ``plan`` on ``x``; returns the (unbound) output call (the
+        kernels' global names are left in ``last_kernels``)."""
         spec = KernelSpec.from_plan(plan, x_shape)  # type: ignore[arg-type]
         consts = layer_constants(plan)  # type: ignore[arg-type]
         bb = self.builder_
         gvs = [bb.add_func(f, name) for name, f in kernel_funcs(spec).items()]
+        self.last_kernels = tuple(gv.name_hint for gv in gvs)
         p, t = spec.positions, spec.tiles
         c, k = spec.in_channels, spec.out_channels
         lv = bb.emit(relax.call_tir(gvs[0], [x], [

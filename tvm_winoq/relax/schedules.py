@@ -3,13 +3,17 @@
 ``schedules/<family>.py`` is a plain Python module (loaded by path, so users can drop in their own
 family or point ``WINOQ_SCHEDULES_DIR`` elsewhere; see :mod:`tvm_winoq.paths`).  Every family module
 provides ``schedule_winoq_kernels(mod, target)`` (our Winograd kernels) and
-``schedule_other_ops(mod, target)`` (every other legalized operator).  Families:
+``schedule_other_ops(mod, target)`` (every other legalized operator).  Optional hooks:
+``prepack_gemm(func, target)`` / ``prepack_direct(func, target)`` (constant weights packed at compile
+time, :mod:`.prepack`) and ``tensorized_direct(target)`` (``True`` where the int8 direct kernel runs on
+a dot-product micro-kernel: ``winoq compile`` then measures which layers it makes faster).  Families:
 
 * ``cpu``  -- any LLVM CPU target (x86 AVX2/AVX-512, Arm NEON): parallel, vectorized, register blocked;
 * ``arm``  -- aarch64 with ``dotprod``/``i8mm``: the ``cpu`` family with the GEMM tensorized to sdot/smmla
   (when that module exists);
 * ``x86``  -- x86-64 (``mtriple`` x86_64...): the ``cpu`` family with the GEMM tensorized to
-  ``vpmaddwd`` (AVX2) / ``vpdpwssd`` (AVX-512 VNNI) (when that module exists);
+  ``vpmaddwd`` (AVX2) / ``vpdpbusd`` (AVX-512 VNNI), and on VNNI the int8 direct kernel too (when that
+  module exists);
 * ``cuda`` -- CUDA targets (when that module exists).
 """
 
