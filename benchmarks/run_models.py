@@ -35,9 +35,9 @@ Call = Callable[[], np.ndarray]
 
 
 def _ours(model: Any, x: np.ndarray, tile: int, threads: int, steps: int, measured: bool = False,
-          chosen: dict[str, str] | None = None) -> Call:
+          chosen: dict[str, str] | None = None, ineligible: str = "float") -> Call:
     """Ours; with ``measured``, the layers ``winoq compile``'s ``measure`` phase finds faster as int8
-    direct are direct (written to ``chosen``)."""
+    direct are direct (written to ``chosen``); ``ineligible="direct"``: every other conv int8 direct."""
     import torch
     import tvm
 
@@ -47,7 +47,7 @@ def _ours(model: Any, x: np.ndarray, tile: int, threads: int, steps: int, measur
     from tvm_winoq.relax.build import compile_model
     from tvm_winoq.targets import get_preset
 
-    cfg = default_config(tile=tile)
+    cfg = default_config(tile=tile).with_(ineligible=ineligible)
     xt = torch.from_numpy(x)
     layers = collect_layers(fold_batchnorm(model, xt), xt)
     scales = finetune_scales(layers, cfg, FinetuneSettings(steps=steps), progress=False).shared
@@ -119,7 +119,7 @@ def _first(out: Any) -> np.ndarray:
 
 
 def run(models: list[str], threads: list[int], tile: int, repeat: int, budget_s: float, steps: int,
-        calib: int) -> dict[str, Any]:
+        calib: int, w8a8: bool = True) -> dict[str, Any]:
     """Build, check and time every implementation per (model, threads); the result as plain data."""
     import torch
 
@@ -134,10 +134,13 @@ def run(models: list[str], threads: list[int], tile: int, repeat: int, budget_s:
             out = model(xt)
         ref = (out[0] if isinstance(out, tuple) else out).numpy()
         for n in threads:
-            chosen: dict[str, str] = {}
+            chosen: dict[str, dict[str, str]] = {"ours-auto": {}, "ours-auto-w8a8": {}}
             calls = {"torch-fp32": _torch_fp32(model, x, n), "ort-int8": _ort_int8(model, x, n, calib),
                      f"ours-f{tile}": _ours(model, x, tile, n, steps),
-                     "ours-auto": _ours(model, x, tile, n, steps, measured=True, chosen=chosen)}
+                     "ours-auto": _ours(model, x, tile, n, steps, measured=True, chosen=chosen["ours-auto"])}
+            if w8a8:
+                calls["ours-auto-w8a8"] = _ours(model, x, tile, n, steps, measured=True,
+                                                chosen=chosen["ours-auto-w8a8"], ineligible="direct")
             checks = {}
             for impl, call in calls.items():
                 y = _first(call()).reshape(ref.shape)
@@ -151,7 +154,7 @@ def run(models: list[str], threads: list[int], tile: int, repeat: int, budget_s:
                              "median_ms": 1e3 * med[impl], "min_ms": 1e3 * min(t.samples_s),
                              "cpu_per_wall": t.cpu_per_wall,
                              "speedup": {o: med[o] / med[impl] for o in med if o != impl},
-                             **({"direct_layers": sorted(chosen)} if impl == "ours-auto" else {})})
+                             **({"direct_layers": sorted(chosen[impl])} if impl in chosen else {})})
             print(f"{name} threads={n}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in med.items()),
                   file=sys.stderr, flush=True)
     info["loadavg_after"] = list(os.getloadavg())
@@ -173,9 +176,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         top = {True: "yes", False: "no"}.get(r.get("top1_agree"), "")
         lines.append(f"| {r['model']} | {r['threads']} | {r['impl']} | {r['sqnr_db']:.1f} | {top} | "
                      f"{r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['cpu_per_wall']:.2f} | {sp} |")
-    lines += ["", "`ours-auto`: as `ours-f*`, with the layers `winoq compile`'s `measure` phase times faster "
-              "as int8 direct (in the model, at the row's threads) made direct:", ""]
-    lines += [f"- {r['model']} threads={r['threads']}: {', '.join(r['direct_layers']) or 'none'}"
+    lines += ["", "`ours-auto`: as `ours-f*`, with the Winograd layers `winoq compile`'s `measure` phase "
+              "times faster as int8 direct (in the model, at the row's threads) made direct; "
+              "`ours-auto-w8a8`: also every conv Winograd cannot take int8 direct (`--ineligible direct`). "
+              "Measured direct:", ""]
+    lines += [f"- {r['model']} threads={r['threads']} {r['impl']}: {', '.join(r['direct_layers']) or 'none'}"
               for r in result["rows"] if "direct_layers" in r]
     return "\n".join(lines) + "\n"
 
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per model x threads")
     ap.add_argument("--steps", type=int, default=200, help="finetuning steps of our scales")
     ap.add_argument("--calib", type=int, default=8, help="ONNX Runtime calibration inputs")
+    ap.add_argument("--no-w8a8", action="store_true", help="skip the ours-auto-w8a8 row")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -202,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     except TargetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = run(args.models, args.threads, args.tile, args.repeat, args.budget, args.steps, args.calib)
+    result = run(args.models, args.threads, args.tile, args.repeat, args.budget, args.steps, args.calib,
+                 w8a8=not args.no_w8a8)
     from tvm_winoq.io import write_file_atomic
 
     md = to_markdown(result)

@@ -79,6 +79,7 @@ def test_compile_keep_params_and_direct_layer(tmp_path, model_file, monkeypatch,
         (["--layer", "nochoice"], "name=choice"),
         (["--tile", "1"], "tile"),
         (["--fallback", "fastest"], "fallback"),
+        (["--ineligible", "int4"], "ineligible"),
     ],
 )
 def test_compile_bad_input_is_one_line_and_writes_nothing(tmp_path, model_file, capsys, args, needle):

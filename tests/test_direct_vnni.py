@@ -38,6 +38,7 @@ CASES = [  # C, K, H, W, kernel, stride, pad
     (32, 48, 9, 11, 3, 2, 1),  # stride 2, K = 48: one 16-lane block (kb = 16)
     (16, 32, 8, 8, 1, 1, 0),  # 1x1
     (128, 64, 7, 7, 3, 1, 1),
+    (3, 64, 20, 20, 7, 2, 3),  # ResNet's first conv: 3 input channels, padded to a quad
 ]
 
 
@@ -59,8 +60,11 @@ def test_packing_layout_and_offset_sums() -> None:
         assert packed[k // 16, r, s, c // 4, k % 16, c % 4] == w[r, s, c, k]
     (wc,) = p.extras(w)
     assert wc.dtype == np.int32 and np.array_equal(wc, 128 * w.astype(np.int64).sum(axis=(0, 1, 2)))
-    with pytest.raises(ValueError, match="quads"):
-        p.pack(w[:, :, :6])
+    padded = p.pack(w[:, :, :6])  # 6 input channels: zero weights to two whole quads
+    assert padded.shape == packed.shape and not padded[:, :, :, 1, :, 2:].any()
+    assert np.array_equal(padded[:, :, :, :, :, :][:, :, :, 0], packed[:, :, :, 0])
+    with pytest.raises(ValueError, match="blocks of 16"):
+        p.pack(w[..., :24])
     with pytest.raises(ValueError, match="bad packing"):
         DirectPacking(0)
 
@@ -69,7 +73,8 @@ def test_packed_kernel_rejects_what_it_cannot_compute() -> None:
     grouped = DirectSpec.of((1, 32, 8, 8), (32, 1, 3, 3), padding=(1, 1), groups=32)
     with pytest.raises(ConfigError, match="does not fit"):
         packed_direct_func(grouped, DirectPacking(16))
-    assert not DirectPacking(16).fits(DirectSpec.of((1, 6, 8, 8), (16, 6, 3, 3)))  # 6 channels: no quads
+    assert DirectPacking(16).fits(DirectSpec.of((1, 6, 8, 8), (16, 6, 3, 3)))  # 6 channels: padded quads
+    assert not DirectPacking(16).fits(DirectSpec.of((1, 8, 8, 8), (24, 8, 3, 3)))  # 24: no 16-blocks
 
 
 def test_spec_round_trips_through_the_kernel_attribute() -> None:
@@ -143,6 +148,24 @@ def test_vnni_model_with_direct_layers_matches_reference() -> None:
     cfg = default_config(4).with_(layers={"0": "direct", "2": "direct"})
     y = compile_model(m, x, cfg, target=VNNI).runner()(x)
     qm, _ = quantize_model(m, cfg, None)
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("target", [AVX2, VNNI], ids=["avx2", "vnni"])
+def test_ineligible_direct_model_matches_reference(target) -> None:
+    """``ineligible="direct"``: the stride-2 conv is int8 direct without naming it, in the compiled model
+    and in the PyTorch reference alike (packed ``vpdpbusd`` kernel on VNNI, the ``cpu`` one on AVX2)."""
+    if target is VNNI and "vnni" not in host_features():
+        pytest.skip("this CPU cannot run AVX-512 VNNI code")
+    m, x = _model(), torch.randn(1, 32, 12, 12)
+    cfg = default_config(4).with_(ineligible="direct")
+    cm = compile_model(m, x, cfg, target=target)
+    assert [r.kind for r in cm.records] == ["winograd", "direct"]
+    y = cm.runner()(x)
+    qm, report = quantize_model(m, cfg, None)
+    assert [c for _, c in report] == ["f4", "direct"]
     with torch.no_grad():
         ref = qm(x).numpy()
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()

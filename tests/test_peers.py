@@ -214,11 +214,12 @@ def test_end_to_end_models_benchmark(tmp_path):
     peers.set_preset("host")
     result = run_models.run(["fmnist_resnet"], [1], 4, repeat=3, budget_s=1.0, steps=10, calib=2)
     rows = {r["impl"]: r for r in result["rows"]}
-    assert set(rows) == {"torch-fp32", "ort-int8", "ours-f4", "ours-auto"}
-    assert rows["ort-int8"]["sqnr_db"] > 25 and min(rows[n]["sqnr_db"] for n in ("ours-f4", "ours-auto")) > 15
+    assert set(rows) == {"torch-fp32", "ort-int8", "ours-f4", "ours-auto", "ours-auto-w8a8"}
+    assert rows["ort-int8"]["sqnr_db"] > 25
+    assert min(rows[n]["sqnr_db"] for n in ("ours-f4", "ours-auto", "ours-auto-w8a8")) > 15
     assert all(r["median_ms"] > 0 and r["top1_agree"] is not None for r in rows.values())
     md = run_models.to_markdown(result)
-    assert "| fmnist_resnet | 1 | ours-f4 |" in md and "- fmnist_resnet threads=1: " in md
+    assert "| fmnist_resnet | 1 | ours-f4 |" in md and "- fmnist_resnet threads=1 ours-auto: " in md
     assert isinstance(rows["ours-auto"]["direct_layers"], list)
     with pytest.raises(TargetError, match="unknown target preset"):
         peers.set_preset("no-such-board")

@@ -10,6 +10,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from tvm_winoq.config import groupwise
+from tvm_winoq.errors import ConfigError
 from tvm_winoq.quant import direct_conv2d_int8, plan_layer, winograd_conv2d_int
 from tvm_winoq.relax.direct import DirectSpec, direct_constants
 from tvm_winoq.relax.kernels import KernelSpec, layer_constants
@@ -230,3 +231,22 @@ def test_direct_on_ineligible_convs_matches_reference():
     for name, (got_y, ref) in refs.items():
         assert got_y.shape == tuple(ref.shape), name
         assert np.abs(got_y - ref.numpy()).max() <= 1e-6 * np.abs(ref.numpy()).max(), name
+
+
+def test_ineligible_direct_takes_every_unnamed_conv_winograd_cannot():
+    """``cfg.ineligible = "direct"`` (every conv W8A8): unnamed convs Winograd cannot run become int8
+    direct; a layer named ``float`` stays float; eligible ones stay Winograd."""
+    cfg = groupwise(tile=2).with_(layers={"conv2d#2": "float"}, ineligible="direct")
+    rw = WinogradRewrite(cfg)
+    rw(_mixed())
+    got = {r.name: (r.kind, r.reason) for r in rw.records}
+    assert got == {
+        "conv2d#0": ("direct", "int8 direct (Winograd not applicable: kernel 1x1)"),
+        "conv2d#1": ("direct", "int8 direct (Winograd not applicable: stride 2)"),
+        "conv2d#2": ("float", "dilation 2"),
+        "conv2d#3": ("float", "weight is not a constant"),
+        "conv2d#4": ("winograd", "F(2,3)"),
+        "conv2d#5": ("direct", "int8 direct (Winograd not applicable: asymmetric padding (0, 0, 1, 1))"),
+    }
+    with pytest.raises(ConfigError, match="ineligible"):
+        cfg.with_(ineligible="int4")

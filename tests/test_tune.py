@@ -185,6 +185,8 @@ def test_config_key_tracks_kernel_options() -> None:
     assert config_key(a) == config_key(CompileOptions(model="m", tile=4, target="rpi5"))
     assert config_key(a) != config_key(CompileOptions(model="m", tile=6))
     assert config_key(a) != config_key(CompileOptions(model="m", tile=4, layers={"0": "f2"}))
+    assert config_key(a) != config_key(CompileOptions(model="m", tile=4, ineligible="direct"))
+    assert config_key(a) == config_key(CompileOptions(model="m", tile=4, fallback="none"))  # not keyed
     std = CompileOptions(model="m", scales="standard")
     assert config_key(std) == config_key(CompileOptions(model="m", scales="standard", steps=5))
 

@@ -141,6 +141,7 @@ def _compile_options(a: argparse.Namespace):
         keep_params=a.keep_params,
         layers=parse_layer_overrides(a.layer or []),
         fallback=getattr(a, "fallback", "measured"),
+        ineligible=a.ineligible,
     )
 
 
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=CHOICE",
         help="per-layer override: f2|f4|f6|direct|float (repeatable)",
     )
+    c.add_argument("--ineligible", default="float",
+                   help="float: convs Winograd cannot take (stride 2, 1x1, dilated, grouped) stay float; "
+                   "direct: they become int8 direct too (every conv W8A8)")
     c.add_argument("--fallback", default="measured",
                    help="measured: int8 direct for the layers it runs faster, timed in the model on this "
                    "machine (two extra builds; presets this machine cannot run are not measured); none: "
@@ -318,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--input-size", type=int, default=None)
     tu.add_argument("--keep-params", action="store_true")
     tu.add_argument("--layer", action="append", metavar="NAME=CHOICE", help="per-layer override (as compile)")
+    tu.add_argument("--ineligible", default="float", help="float | direct (as compile)")
     tu.add_argument("--timeout", type=float, default=120.0, help="seconds per build / measurement")
     tu.add_argument("--trials-per-iter", type=int, default=None, help="candidates per task and round")
     tu.add_argument("--tasks", default="all", choices=["all", "winoq", "ops"], help="which PrimFuncs to tune")

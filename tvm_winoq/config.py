@@ -99,6 +99,7 @@ class QuantSpec:
 
 ScaleMode = Literal["standard", "learned-shared", "learned-per-layer"]
 SCALE_MODES: tuple[str, ...] = ("standard", "learned-shared", "learned-per-layer")
+INELIGIBLE_CHOICES: tuple[str, ...] = ("float", "direct")
 LayerChoice = Literal["f2", "f4", "f6", "direct", "float"]
 LAYER_CHOICES: tuple[str, ...] = ("f2", "f4", "f6", "direct", "float")
 
@@ -124,6 +125,10 @@ class WinoQConfig:
         Weight quantization of the int8 direct-convolution fallback (per output channel).
     layers : mapping
         Per-layer override ``{layer name: "f2"|"f4"|"f6"|"direct"|"float"}``.
+    ineligible : str
+        What becomes of the convolutions Winograd cannot take (stride, 1x1, dilation, groups) that
+        ``layers`` does not name: ``"float"`` (kept, the method's scope) or ``"direct"`` (int8 direct:
+        every conv W8A8).
     """
 
     tile: int = 6
@@ -135,6 +140,7 @@ class WinoQConfig:
     scale_mode: str = "learned-shared"
     direct: QuantSpec = QuantSpec(PerChannel())
     layers: Mapping[str, str] = field(default_factory=dict)
+    ineligible: str = "float"
 
     def __post_init__(self) -> None:
         if not isinstance(self.tile, int) or self.tile < 2 or self.tile > 8:
@@ -178,6 +184,8 @@ class WinoQConfig:
             if choice not in LAYER_CHOICES:
                 raise ConfigError(f"layers[{name!r}]: must be one of {LAYER_CHOICES}, got {choice!r}")
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        if self.ineligible not in INELIGIBLE_CHOICES:
+            raise ConfigError(f"ineligible: must be one of {INELIGIBLE_CHOICES}, got {self.ineligible!r}")
 
     @property
     def point_values(self) -> tuple[Fraction, ...] | None:

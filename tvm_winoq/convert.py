@@ -197,7 +197,7 @@ def quantize_model(
     scales: LayerScales | Mapping[str, LayerScales] | None = None,
     *,
     default: str | None = None,
-    quantize_ineligible: bool = False,
+    quantize_ineligible: bool | None = None,
     fold_bn: bool = True,
     example_input: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[tuple[ConvInfo, str]]]:
@@ -213,8 +213,9 @@ def quantize_model(
         Shared or per-layer learned scales; ``None`` uses standard scales.
     default : str, optional
         Choice for layers without an override: ``f{cfg.tile}`` by default; ``direct`` and ``float`` too.
-    quantize_ineligible : bool
-        Also quantize ineligible convolutions as int8 direct convolutions (else they stay float).
+    quantize_ineligible : bool, optional
+        Also quantize ineligible convolutions as int8 direct convolutions (else they stay float);
+        default: ``cfg.ineligible == "direct"``.
     example_input : torch.Tensor, optional
         Used to find Conv -> BatchNorm pairs for folding (see :func:`fold_batchnorm`).
 
@@ -223,6 +224,8 @@ def quantize_model(
     (model, report) : the quantized copy and ``[(ConvInfo, choice)]`` per conv.
     """
     default = default or f"f{cfg.tile}"
+    if quantize_ineligible is None:
+        quantize_ineligible = cfg.ineligible == "direct"
     qmodel = fold_batchnorm(model, example_input) if fold_bn else copy.deepcopy(model).eval()
     report: list[tuple[ConvInfo, str]] = []
     for info in eligible_convs(qmodel):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import config_from_dict, groupwise
+from .config import INELIGIBLE_CHOICES, config_from_dict, groupwise
 from .convert import fold_batchnorm
 from .errors import ConfigError, ModelError, WinoqError
 from .finetune import FinetuneSettings, collect_layers
@@ -46,12 +46,15 @@ class CompileOptions:
     keep_params: bool = False
     layers: dict[str, str] = field(default_factory=dict)
     fallback: str = "measured"
+    ineligible: str = "float"
 
     def __post_init__(self) -> None:
         if self.scales not in SCALE_CHOICES:
             raise ConfigError(f"scales: must be one of {SCALE_CHOICES}, got {self.scales!r}")
         if self.fallback not in FALLBACK_CHOICES:
             raise ConfigError(f"fallback: must be one of {FALLBACK_CHOICES}, got {self.fallback!r}")
+        if self.ineligible not in INELIGIBLE_CHOICES:
+            raise ConfigError(f"ineligible: must be one of {INELIGIBLE_CHOICES}, got {self.ineligible!r}")
         if self.input_size is not None and self.input_size < 8:
             raise ConfigError(f"input_size: must be >= 8, got {self.input_size}")
 
@@ -124,7 +127,8 @@ def prepare_job(opts: CompileOptions, log: Callable[[str], None] = print) -> Pre
 
     preset = get_preset(opts.target)
     mode = {"standard": "standard", "learned": "learned-shared", "learned-per-layer": "learned-per-layer"}
-    cfg = groupwise(opts.tile, opts.group, mode[opts.scales]).with_(layers=opts.layers)
+    cfg = groupwise(opts.tile, opts.group, mode[opts.scales]).with_(layers=opts.layers,
+                                                                    ineligible=opts.ineligible)
     with _phase("load", log):
         model, x, spec = load_model(opts.model, opts.input_size)
         folded = fold_batchnorm(model, x)
@@ -173,7 +177,9 @@ def compile_job(
     choice, compiled = _measure_phase(opts, job, tune_log, log)
     if choice is not None:
         cfg = cfg.with_(layers=choice.layers | dict(cfg.layers))
-    if compiled is None or opts.keep_params:
+    if compiled is not None and not opts.keep_params:
+        log("[build] the measured build with these choices is the module")
+    else:
         with _phase("build", log):
             compiled = compile_model(
                 model,

@@ -79,6 +79,7 @@ def kernel_ms(runners: Sequence[Any], x: np.ndarray, repeat: int = 20, budget_s:
     The runners are run in turn (interleaved, so drifts of the machine hit all alike): once to warm
     up, then up to ``repeat`` rounds (at least 3, and within ``budget_s`` seconds after those), each
     call instruction timed (the VM's instrument hook, wall time; the hook's own cost is ~1 us a call).
+    The runners keep a no-op instrument afterwards (a VM cannot drop one): use fresh ones to deploy.
     """
     calls: dict[str, list[float]] = {}
     start: dict[str, float] = {}

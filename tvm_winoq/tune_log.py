@@ -84,6 +84,8 @@ def config_key(opts: Any) -> str:
         k: getattr(opts, k) for k in ("tile", "group", "scales", "steps", "seed", "input_size", "keep_params")
     }
     keep["layers"] = dict(sorted(dict(opts.layers).items()))
+    if opts.ineligible != "float":  # only then: keys of earlier logs stay valid
+        keep["ineligible"] = opts.ineligible
     if keep["scales"] == "standard":  # finetuning settings do not matter then
         keep.pop("steps"), keep.pop("seed")
     text = json.dumps(keep, sort_keys=True)

@@ -228,9 +228,9 @@ def direct_func(spec: DirectSpec, debug: bool = False) -> tirx.PrimFunc:
 @dataclass(frozen=True)
 class DirectPacking:
     """How a packed direct kernel (:func:`packed_direct_func`) takes its constant ``w_q``: output channels
-    in blocks of ``kb``, input channels in quads, ``[K/kb, KH, KW, C/4, kb, 4]`` (each block's weights one
-    contiguous stream, one quad per output channel a 32-bit lane), and the input shifted by ``x_offset``
-    (unsigned bytes ``q + x_offset``), undone exactly by the constant
+    in blocks of ``kb``, input channels in quads (zero weights pad the last), ``[K/kb, KH, KW, C/4, kb, 4]``
+    (each block's weights one contiguous stream, one quad per output channel a 32-bit lane), and the
+    input shifted by ``x_offset`` (unsigned bytes ``q + x_offset``), undone exactly by the constant
     ``w_c[k] = x_offset * sum(w_q[.., k])``."""
 
     kb: int
@@ -241,16 +241,18 @@ class DirectPacking:
             raise ValueError(f"DirectPacking: bad packing {self}")
 
     def fits(self, spec: DirectSpec) -> bool:
-        """Whether ``spec`` can take this packing (dense, whole quads and channel blocks)."""
-        return spec.groups == 1 and spec.in_channels % 4 == 0 and spec.out_channels % self.kb == 0
+        """Whether ``spec`` can take this packing (dense, whole blocks of output channels)."""
+        return spec.groups == 1 and spec.out_channels % self.kb == 0
 
     def pack(self, w_q: np.ndarray) -> np.ndarray:
-        """``w_q`` ``[KH, KW, C, K]`` (:func:`direct_constants`) in this layout."""
+        """``w_q`` ``[KH, KW, C, K]`` (:func:`direct_constants`) in this layout, input channels padded with
+        zero weights to whole quads (``C = 3``: the padded input channel reads ``x_offset``)."""
         kh, kw, c, k = w_q.shape
-        if c % 4 or k % self.kb:
-            raise ValueError(f"DirectPacking: {c} input / {k} output channels do not fit quads / blocks of "
-                             f"{self.kb}")
-        blocks = w_q.reshape(kh, kw, c // 4, 4, k // self.kb, self.kb)
+        if k % self.kb:
+            raise ValueError(f"DirectPacking: {k} output channels are not blocks of {self.kb}")
+        cp = -(-c // 4) * 4
+        w_q = np.pad(w_q, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
+        blocks = w_q.reshape(kh, kw, cp // 4, 4, k // self.kb, self.kb)
         return np.ascontiguousarray(blocks.transpose(4, 0, 1, 2, 5, 3))
 
     def extras(self, w_q: np.ndarray) -> list[np.ndarray]:
@@ -275,21 +277,22 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
     sh, sw_ = spec.stride
     dh, dw = spec.dilation
     hp, wp, oh, ow, kb = spec.padded_h, spec.padded_w, spec.out_h, spec.out_w, packing.kb
+    cp = -(-c // 4) * 4  # whole quads (the extra channels hold x_offset, their weights are 0)
     quantize_input = input_quant_macro((nb, c, h, w), (hp, wp), spec.padding[:2], spec.act_qmax, "uint8",
-                                       packing.x_offset)
+                                       packing.x_offset, cp)
 
     @T.prim_func(s_tir=True, private=True)
     def winoq_direct_packed(x: T.Buffer((nb, c, h, w), "float32"),
-                            wq: T.Buffer((k // kb, kh, kw, c // 4, kb, 4), "int8"),
+                            wq: T.Buffer((k // kb, kh, kw, cp // 4, kb, 4), "int8"),
                             sw: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
                             wc: T.Buffer((k,), "int32"), y: T.Buffer((nb, k, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})
-        xq = T.sblock_alloc_buffer((nb, hp, wp, c), "uint8")
+        xq = T.sblock_alloc_buffer((nb, hp, wp, cp), "uint8")
         sx = T.sblock_alloc_buffer((1,), "float32")
         xmax = T.sblock_alloc_buffer((1,), "float32")
         acc = T.sblock_alloc_buffer((nb, oh, ow, k), "int32")
         quantize_input(x, xmax, sx, xq)
-        for i0, i1, i2, i3, i4, i5, i6, i7, i8 in T.grid(nb, oh, ow, k // kb, kb, kh, kw, c // 4, 4):
+        for i0, i1, i2, i3, i4, i5, i6, i7, i8 in T.grid(nb, oh, ow, k // kb, kb, kh, kw, cp // 4, 4):
             with T.sblock("conv_acc"):
                 v0, v1, v2, ko, ki, v5, v6, c4, ci = T.axis.remap(
                     "SSSSSRRRR", [i0, i1, i2, i3, i4, i5, i6, i7, i8])

@@ -238,12 +238,24 @@ def _quant_r(value: tirx.PrimExpr, rscale: tirx.PrimExpr, qmax: int, dtype: str,
 
 
 def input_quant_macro(x_shape: Sequence[int], padded: Sequence[int], pad: Sequence[int], qmax: int,
-                      dtype: str, offset: int = 0) -> object:
+                      dtype: str, offset: int = 0, channels: int | None = None) -> object:
     """``T.macro`` ``(x, xmax, sx, xp)``: per-tensor absmax of ``x`` [N,C,H,W] into ``xmax`` [1], its scale
     into ``sx`` [1], and ``x`` quantized, zero padded (``pad`` = top, left; ``padded`` = Hp, Wp) and
     transposed into ``xp`` [N,Hp,Wp,C] of ``dtype`` (blocks ``x_absmax``, ``x_scale``, ``x_quant``).
-    With ``offset``, ``xp`` holds ``q + offset`` (padding: ``offset``), e.g. ``uint8`` ``q + 128``."""
+    With ``offset``, ``xp`` holds ``q + offset`` (padding: ``offset``), e.g. ``uint8`` ``q + 128``; with
+    ``channels`` (> C), ``xp`` has that many channels, the extra ones padding."""
     nb, c, h, w = (int(d) for d in x_shape)
+    cp = c if channels is None else int(channels)
+
+    def inside(v1: tirx.PrimExpr, v2: tirx.PrimExpr, v3: tirx.PrimExpr) -> tirx.PrimExpr:
+        # left-nested and ``1 <= v1``, exactly as TVMScript parses ``ph <= v1 and v1 < ph + h and ...``
+        # (the kernels of earlier versions, and their tune-log workloads, stay the same)
+        terms = [tirx.LE(tirx.const(ph, "int32"), v1), v1 < ph + h, tirx.LE(tirx.const(pw, "int32"), v2),
+                 v2 < pw + w] + ([v3 < c] if cp != c else [])
+        cond = terms[0]
+        for t in terms[1:]:
+            cond = tirx.And(cond, t)
+        return cond
     hp, wp = (int(d) for d in padded)
     ph, pw = (int(d) for d in pad)
     zero = tirx.const(offset, dtype)
@@ -260,11 +272,11 @@ def input_quant_macro(x_shape: Sequence[int], padded: Sequence[int], pad: Sequen
             with T.sblock("x_scale"):
                 v0 = T.axis.remap("S", [i0])
                 sx[v0] = _scale(xmax[v0], qmax)
-        for i0, i1, i2, i3 in T.grid(nb, hp, wp, c):
+        for i0, i1, i2, i3 in T.grid(nb, hp, wp, cp):
             with T.sblock("x_quant"):
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
                 xp[v0, v1, v2, v3] = T.if_then_else(
-                    ph <= v1 and v1 < ph + h and pw <= v2 and v2 < pw + w,
+                    inside(v1, v2, v3),
                     _quant_r(x[v0, v3, v1 - ph, v2 - pw], tirx.const(1.0, "float32") / sx[0], qmax, dtype,
                              offset), zero)
 

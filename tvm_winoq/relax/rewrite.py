@@ -15,7 +15,9 @@ convolution kernel (:mod:`.direct`)::
     y  = R.call_tir(winoq_direct_*, (x, W_q, s_W, bias), y)
 
 An explicit Winograd choice (``f2``/``f4``/``f6`` in ``cfg.layers``) for a conv Winograd cannot run also
-becomes ``direct``, as in :func:`tvm_winoq.convert.quantize_model`.  Every other conv is left alone, and
+becomes ``direct``, as in :func:`tvm_winoq.convert.quantize_model`, and so does every conv Winograd
+cannot run that ``cfg.layers`` does not name when ``cfg.ineligible == "direct"``.  Every other conv is
+left alone, and
 :attr:`WinogradRewrite.records` says why.  The kernels carry
 ``op_pattern = 8`` (opaque) so Relax operator fusion leaves them intact, and ``winoq.kernel`` naming
 their stage so a schedule can find them.
@@ -238,7 +240,7 @@ class _ConvRewriter(relax.PyExprMutator):
         tile = winograd_tile(choice)
         if tile is not None and why is not None and name in cfg.layers:
             choice, tile = "direct", None  # an explicit Winograd choice Winograd cannot run: int8 direct
-        if choice == "direct":
+        if choice == "direct" or (why is not None and name not in cfg.layers and cfg.ineligible == "direct"):
             return self._rewrite_direct(conv, bias, name, why)
         if why is not None:
             self._record(conv, False, why, name)
@@ -284,7 +286,7 @@ class _ConvRewriter(relax.PyExprMutator):
         out = relax.call_tir(gv, [x, relax.const(consts["w_q"]), relax.const(consts["s_w"]),
                                   relax.const(consts["bias"])], relax.TensorType(spec.out_shape, "float32"))
         reason = "int8 direct" + (" + bias" if bias is not None else "")
-        if why_not_winograd is not None and name in cfg.layers and cfg.layers[name] != "direct":
+        if why_not_winograd is not None and cfg.layers.get(name) != "direct":
             reason += f" (Winograd not applicable: {why_not_winograd})"
         self._record(conv, True, reason, name, "direct", (gv.name_hint,))
         return out
