@@ -9,7 +9,7 @@ default config (F(``tile``,3), group-wise, M per output channel, scales learned 
 model exported to ONNX (TorchScript exporter) and statically quantized by ONNX Runtime (QDQ, int8
 per-channel weights, uint8 activations calibrated on ``--calib`` Gaussian inputs);
 ``torch-fp32`` is eager PyTorch.  Every output is compared with PyTorch fp32 (SQNR, and top-1 agreement
-for classifiers) before timing; the calls are timed interleaved (:func:`benchmarks.peers.time_interleaved`).
+for classifiers) before timing; the calls are timed interleaved (:func:`benchmarks.timing.time_interleaved`).
 Weights are random for ``resnet18``/``diffusion_unet`` (speed is what is measured here; accuracy on
 trained models is the fidelity study's job).
 """
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import peers
+from benchmarks.timing import time_interleaved
 
 Call = Callable[[], np.ndarray]
 
@@ -147,7 +148,7 @@ def run(models: list[str], threads: list[int], tile: int, repeat: int, budget_s:
                 checks[impl] = {"sqnr_db": peers.sqnr_db(ref, y)}
                 if ref.ndim == 2:
                     checks[impl]["top1_agree"] = bool(np.argmax(ref, 1)[0] == np.argmax(y, 1)[0])
-            timing = peers.time_interleaved(calls, repeat, budget_s=budget_s, gap_s=2e-3)
+            timing = time_interleaved(calls, repeat, budget_s=budget_s, gap_s=2e-3)
             med = {k: float(np.median(t.samples_s)) for k, t in timing.items()}
             for impl, t in timing.items():
                 rows.append({"model": name, "threads": n, "impl": impl, **checks[impl],
