@@ -307,8 +307,8 @@ def prepack_direct(func: tirx.PrimFunc,
     spec = DirectSpec.of_func(func)
     if spec is None or not vnni(target):
         return None
-    packing = DirectPacking(_k_block(spec.out_channels, gemm_lanes(target)))
-    if not packing.fits(spec) or spec.out_channels % gemm_lanes(target):
+    packing = DirectPacking(_k_block(spec.out_channels, gemm_lanes(target)))  # a multiple of the lanes
+    if not packing.fits(spec):
         return None
     return _with_attrs_of(packed_direct_func(spec, packing), func), packing
 

@@ -237,18 +237,21 @@ def _measure_phase(opts: CompileOptions, job: PreparedJob, tune_log: Any,
     from .relax.schedules import schedules_for
     from .speed_choice import measure_layer_choices
 
-    missing = preset.missing_features()
-    family = schedules_for(preset.tvm_target())
-    why = (f"this machine lacks {', '.join(missing)}" if missing
-           else "this machine cannot run it" if preset.kind != "llvm" or preset.is_cross
-           else "its schedules have no tensorized int8 direct kernel"
-           if not getattr(family, "tensorized_direct", lambda t: False)(preset.tvm_target()) else None)
+    target, missing = preset.tvm_target(), preset.missing_features()
+    family = schedules_for(target)
+    why = None
+    if missing:
+        why = f"this machine lacks {', '.join(missing)}"
+    elif preset.kind != "llvm" or preset.is_cross:
+        why = "this machine cannot run it"
+    elif not (hasattr(family, "tensorized_direct") and family.tensorized_direct(target)):
+        why = "its schedules have no tensorized int8 direct kernel"
     if why is not None:
         log(f"[measure] skipped for {preset.name}: {why}; every eligible layer stays Winograd")
         return None, None
 
     with _phase("measure", log):
-        choice = measure_layer_choices(job.model, job.example_input, job.cfg, preset.tvm_target(),
+        choice = measure_layer_choices(job.model, job.example_input, job.cfg, target,
                                        scales=job.scales, database=tune_log, log=log)
         log(f"  {len(choice.layers)} of {len(choice.timings)} Winograd layers measured faster as int8 direct")
     return choice, choice.compiled
