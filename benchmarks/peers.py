@@ -387,7 +387,7 @@ def tvm_winoq(tile: int, group: int = 32, best: bool = False, measured: bool = F
                     choice = measure_layer_choices(model, xt, cfg, target, scales=scales, log=lambda s: None)
                     _STATE["choices"][f"{x.shape[1]}@{x.shape[2]}x{x.shape[3]} threads={threads}"] = [
                         t.to_dict() for t in choice.timings]
-                    cfg = cfg.with_(layers=choice.layers)
+                    cfg = choice.apply(cfg)
                     cm = choice.compiled or compile_model(model, xt, cfg, target=target, scales=scales)
                 else:
                     cm = compile_model(model, xt, cfg, target=target, scales=scales)

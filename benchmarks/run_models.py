@@ -61,8 +61,7 @@ def _ours(model: Any, x: np.ndarray, tile: int, threads: int, steps: int, measur
 
             choice = measure_layer_choices(model, xt, cfg, target, scales=scales, log=lambda s: None)
             (chosen if chosen is not None else {}).update(choice.layers)
-            cm = choice.compiled or compile_model(model, xt, cfg.with_(layers=choice.layers), target=target,
-                                                  scales=scales)
+            cm = choice.compiled or compile_model(model, xt, choice.apply(cfg), target=target, scales=scales)
         else:
             cm = compile_model(model, xt, cfg, target=target, scales=scales)
     runner = cm.runner()

@@ -67,6 +67,8 @@ def test_packing_layout_and_offset_sums() -> None:
         p.pack(w[..., :24])
     with pytest.raises(ValueError, match="bad packing"):
         DirectPacking(0)
+    with pytest.raises(ValueError, match="bad packing"):  # q + 0 is not an unsigned byte for q < 0
+        DirectPacking(16, x_offset=0)
 
 
 def test_packed_kernel_rejects_what_it_cannot_compute() -> None:

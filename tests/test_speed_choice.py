@@ -59,6 +59,7 @@ def test_measure_times_each_unnamed_winograd_layer_both_ways() -> None:
     for t in choice.timings:
         assert set(t.ms) == {"f4", "direct"} and all(0 < v < math.inf for v in t.ms.values())
     assert choice.layers == {t.name: "direct" for t in choice.timings if t.chosen == "direct"}
+    assert dict(choice.apply(cfg).layers) == {"2": "f2"} | choice.layers
     assert len(seen) == 2
     if choice.compiled is not None:  # the measured build with exactly these choices is handed back
         direct = {r.name for r in choice.compiled.records if r.kind == "direct"}

@@ -176,7 +176,7 @@ def compile_job(
     tune_log = resolve_tune_log(database, opts, spec, preset.tvm_target(), log)
     choice, compiled = _measure_phase(opts, job, tune_log, log)
     if choice is not None:
-        cfg = cfg.with_(layers=choice.layers | dict(cfg.layers))
+        cfg = choice.apply(cfg)
     if compiled is not None and not opts.keep_params:
         log("[build] the measured build with these choices is the module")
     else:

@@ -71,6 +71,10 @@ class SpeedChoice:
     layers: dict[str, str]
     compiled: Any = None
 
+    def apply(self, cfg: WinoQConfig) -> WinoQConfig:
+        """``cfg`` with these choices added to its ``layers`` (its own names were never measured)."""
+        return cfg.with_(layers=dict(cfg.layers) | self.layers)
+
 
 def kernel_ms(runners: Sequence[Any], x: np.ndarray, repeat: int = 20, budget_s: float = 10.0,
               ) -> list[dict[str, float]]:

@@ -33,7 +33,7 @@ from ..quant.baselines import quantize_weight_per_channel
 from .kernels import input_quant_macro
 
 __all__ = ["DirectLayerExecutable", "DirectPacking", "DirectSpec", "compile_direct_layer", "direct_constants",
-           "direct_func", "packed_direct_func"]
+           "direct_func", "packed_direct_func", "whole_quads"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,11 @@ def direct_func(spec: DirectSpec, debug: bool = False) -> tirx.PrimFunc:
     return winoq_direct.with_attr("winoq.direct_spec", spec.fields())
 
 
+def whole_quads(channels: int) -> int:
+    """``channels`` rounded up to a multiple of 4 (the packed kernel's input channels)."""
+    return -(-channels // 4) * 4
+
+
 @dataclass(frozen=True)
 class DirectPacking:
     """How a packed direct kernel (:func:`packed_direct_func`) takes its constant ``w_q``: output channels
@@ -237,7 +242,8 @@ class DirectPacking:
     x_offset: int = 128
 
     def __post_init__(self) -> None:
-        if self.kb < 1 or not 0 <= self.x_offset <= 128:
+        # q + x_offset must be an unsigned byte for every q in [-127, 127]
+        if self.kb < 1 or not 127 <= self.x_offset <= 128:
             raise ValueError(f"DirectPacking: bad packing {self}")
 
     def fits(self, spec: DirectSpec) -> bool:
@@ -250,7 +256,7 @@ class DirectPacking:
         kh, kw, c, k = w_q.shape
         if k % self.kb:
             raise ValueError(f"DirectPacking: {k} output channels are not blocks of {self.kb}")
-        cp = -(-c // 4) * 4
+        cp = whole_quads(c)
         w_q = np.pad(w_q, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
         blocks = w_q.reshape(kh, kw, cp // 4, 4, k // self.kb, self.kb)
         return np.ascontiguousarray(blocks.transpose(4, 0, 1, 2, 5, 3))
@@ -277,7 +283,7 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
     sh, sw_ = spec.stride
     dh, dw = spec.dilation
     hp, wp, oh, ow, kb = spec.padded_h, spec.padded_w, spec.out_h, spec.out_w, packing.kb
-    cp = -(-c // 4) * 4  # whole quads (the extra channels hold x_offset, their weights are 0)
+    cp = whole_quads(c)  # the extra channels hold x_offset, their weights are 0
     quantize_input = input_quant_macro((nb, c, h, w), (hp, wp), spec.padding[:2], spec.act_qmax, "uint8",
                                        packing.x_offset, cp)
 
