@@ -27,6 +27,11 @@ tile is a compact ``[tt, kk]`` buffer per (position, tile block, channel block, 
 innermost (``transform_layout`` of ``acc``; in the debug kernel, where ``acc`` is an output, a
 ``cache_write`` with the copy-out computed per group), so the accumulators live in registers.
 
+The int8 ``direct`` kernel (any dense conv with ``K`` a multiple of 4) gets its weights packed at
+compile time (:func:`prepack_direct`, ``[K/kb, KH, KW, C/4, kb, 4]``) and the ``SDOT`` micro-kernel
+(:func:`schedule_direct`): one ``ld1r`` of an input quad per output column, one 16-byte load per 4
+output channels; ``sdot`` is signed x signed, so unlike x86's ``vpdpbusd`` the input needs no offset.
+
 The integer sums are exact in any order and the fma chain over groups is untouched, so the results
 are bit-identical to the naive kernels.  Shapes the micro-kernels do not cover (a partial last channel
 group, ``K`` or the group size not a multiple of 4, no dot-product feature) get the ``cpu`` GEMM; the
@@ -43,10 +48,12 @@ from tvm import tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
+from tvm_winoq.relax.direct import DirectPacking, DirectSpec, packed_direct_func
 from tvm_winoq.relax.schedules import load_family
 
-__all__ = ["SDOT16_INTRIN", "SDOT_INTRIN", "SMMLA_INTRIN", "gemm_features", "schedule_gemm",
-           "schedule_other_ops", "schedule_winoq_kernels"]
+__all__ = ["SDOT16_INTRIN", "SDOT_INTRIN", "SMMLA_INTRIN", "gemm_features", "prepack_direct",
+           "schedule_direct", "schedule_gemm", "schedule_other_ops", "schedule_winoq_kernels",
+           "tensorized_direct"]
 
 _cpu: ModuleType = load_family("cpu")
 
@@ -247,10 +254,60 @@ def schedule_gemm(func: tirx.PrimFunc, target: tvm.target.Target, lanes: int | N
                                      lambda sch, acc, loops: _microkernel(sch, acc, loops, smmla), layout)
 
 
+# ----------------------------------------------------------------------------------------- direct
+def tensorized_direct(target: tvm.target.Target) -> bool:
+    """Whether :func:`schedule_direct` runs dense direct convs on the ``sdot`` micro-kernel (``+dotprod``
+    or ``+i8mm``)."""
+    return gemm_features(target)[0]
+
+
+_DIRECT_ACCUMULATORS = 24  # of the 32 vector registers: the rest hold 4 weight vectors and the inputs
+
+
+def _direct_block(spec: DirectSpec) -> int:
+    """Output channels per register block (16, 8 or 4; 0 if ``K`` is not a multiple of 4): the one whose
+    register tile (with the columns :func:`cpu.schedule_packed_direct` will pick) holds the most
+    accumulators, the wider on a tie (14 columns: 8 channels x 7 columns, not 16 x 2)."""
+    def accumulators(kb: int) -> int:
+        fitting = tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // 4 <= _DIRECT_ACCUMULATORS)
+        return _cpu._divisor(spec.out_w, fitting) * kb // 4
+
+    blocks = [kb for kb in (16, 8, 4) if spec.out_channels % kb == 0]
+    return max(blocks, key=lambda kb: (accumulators(kb), kb), default=0)
+
+
+def prepack_direct(func: tirx.PrimFunc,
+                   target: tvm.target.Target) -> tuple[tirx.PrimFunc, DirectPacking] | None:
+    """``(kernel, packing)``: the plain direct kernel ``func`` rebuilt on weights packed at compile time
+    for the ``sdot`` micro-kernel (:func:`~tvm_winoq.relax.direct.packed_direct_func`: quads of input
+    channels, blocks of 16/8/4 output channels; ``sdot`` is signed x signed, so the input stays ``int8``
+    and no offset is subtracted); ``None`` without the dot product, for grouped convs, ``K`` not a
+    multiple of 4, or anything but the plain kernel."""
+    spec = DirectSpec.of_func(func)
+    if spec is None or not tensorized_direct(target) or not _direct_block(spec):
+        return None
+    packing = DirectPacking(_direct_block(spec), x_offset=0)
+    if not packing.fits(spec):
+        return None
+    return _cpu.with_attrs_of(packed_direct_func(spec, packing), func), packing
+
+
+def schedule_direct(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """Schedule a ``direct`` kernel: the packed one (:func:`prepack_direct`) on the ``sdot`` micro-kernel
+    (:func:`cpu.schedule_packed_direct`: one ``ld1r`` of an input quad per column, one 16-byte weight
+    load per 4 output channels, at most 24 of the 32 vector registers as accumulators, e.g. 6 columns x
+    16 channels or 7 x 8), any other with the ``cpu`` schedule."""
+    if len(func.params) != 6:
+        return _cpu.schedule_direct(func)
+    return _cpu.schedule_packed_direct(func, 4, SDOT_INTRIN, _DIRECT_ACCUMULATORS)
+
+
 # ------------------------------------------------------------------------------------- entry points
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule every ``winoq.kernel`` PrimFunc of ``mod``: ``cpu`` schedules, the GEMM tensorized."""
-    return _cpu.schedule_kernels_with_gemm(mod, lambda func: schedule_gemm(func, target))
+    """Schedule every ``winoq.kernel`` PrimFunc of ``mod``: ``cpu`` schedules, the GEMM and the packed
+    direct kernel tensorized."""
+    return _cpu.schedule_kernels_with_gemm(mod, lambda func: schedule_gemm(func, target),
+                                           lambda func: schedule_direct(func, target))
 
 
 def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

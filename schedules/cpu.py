@@ -35,10 +35,12 @@ from tvm_winoq.relax.schedules import load_module
 
 __all__ = ["gemm_shape", "schedule_direct", "schedule_direct_dequant", "schedule_input_quant",
            "schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
-           "schedule_kernels_with_gemm", "schedule_packed_gemm", "schedule_winoq_kernels"]
+           "schedule_kernels_with_gemm", "schedule_packed_direct", "schedule_packed_gemm",
+           "schedule_winoq_kernels"]
 
 _ops: ModuleType = load_module("cpu_ops")
 _SCHEDULED, _extent, _divisor, _has_block = _ops.SCHEDULED, _ops.extent, _ops.divisor, _ops.has_block
+with_attrs_of = _ops.with_attrs_of  # for the families' prepack hooks
 _tr: ModuleType = load_module("cpu_transpose")  # registers the transpose intrinsics
 
 
@@ -386,6 +388,39 @@ def schedule_direct(func: tirx.PrimFunc, tile_w: int = 4, lanes: int = 16) -> ti
     sch.reverse_compute_at(local, owo)
     sch.vectorize(sch.get_loops(local)[-1])
     schedule_direct_dequant(sch, row)
+    return sch.mod["main"].with_attr(_SCHEDULED, True)
+
+
+def schedule_packed_direct(func: tirx.PrimFunc, lanes: int, intrin: str, accumulators: int) -> tirx.PrimFunc:
+    """Schedule a packed ``direct`` kernel (:func:`~tvm_winoq.relax.direct.packed_direct_func`) on a
+    dot-product micro-kernel: ``intrin`` reduces one input quad into ``lanes`` int32 output channels
+    (x86 ``vpdpbusd``, Arm ``sdot``).
+
+    Register block: ``tw`` output columns x ``kb`` output channels (``tw * kb / lanes`` vector
+    accumulators, at most ``accumulators``); per (kernel tap, input quad) one 32-bit broadcast of the
+    input per column and one ``intrin`` per ``lanes`` channels; parallel over (image, channel block,
+    output row), so one channel block's weights stay in cache over its rows; dequantized per row.
+    """
+    sch = schedule_input_quant(Schedule(func))
+    blk = sch.get_sblock("conv_acc")
+    n, oh, ow, ko, ki, r, s_, c4, ci = sch.get_loops(blk)
+    kb = _extent(sch, ki)
+    fitting = tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // lanes <= accumulators)
+    tw = _divisor(_extent(sch, ow), fitting)
+    owo, owi = sch.split(ow, [None, tw])
+    kbo, kl = sch.split(ki, [None, lanes])
+    sch.reorder(n, ko, oh, owo, r, s_, c4, owi, kbo, kl, ci)
+    row = sch.fuse(n, ko, oh)
+    sch.parallel(row)
+    local = sch.cache_write(blk, 0, "global")  # compacted to [tw, kb] under owo: registers
+    sch.reverse_compute_at(local, owo)
+    sch.vectorize(sch.get_loops(local)[-1])
+    schedule_direct_dequant(sch, row)
+    sch.decompose_reduction(blk, r)
+    sch.unroll(owi)
+    sch.unroll(kbo)
+    sch.vectorize(sch.fuse(*sch.get_loops(sch.get_sblock("conv_acc_init"))[-2:]))
+    sch.tensorize(kl, intrin)  # last: the tensorized block defeats compute-at analyses
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 

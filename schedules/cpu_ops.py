@@ -18,7 +18,7 @@ from tvm.s_tir import Schedule
 from tvm_winoq.relax.weight_layout import WEIGHT_BLOCKS
 
 __all__ = ["SCHEDULED", "divisor", "extent", "float_lanes", "has_block", "schedule_conv2d_nchw",
-           "schedule_generic"]
+           "schedule_generic", "with_attrs_of"]
 
 SCHEDULED = "tirx.is_scheduled"
 
@@ -31,6 +31,12 @@ def extent(sch: Schedule, loop: object) -> int:
 def divisor(n: int, candidates: tuple[int, ...]) -> int:
     """The first candidate dividing ``n`` (1 if none)."""
     return next((c for c in candidates if n % c == 0), 1)
+
+
+def with_attrs_of(new: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``new`` carrying ``func``'s attributes (kernel kind, op pattern, ...): a kernel rebuilt by a
+    family's prepack hook."""
+    return new.with_attrs(func.attrs) if func.attrs is not None else new
 
 
 def has_block(sch: Schedule, name: str) -> bool:

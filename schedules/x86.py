@@ -239,7 +239,7 @@ def prepack_gemm(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[tirx.P
     else:
         packing = UPacking(2, kb)
         kernel = gemm_kernel(shape, widen=True, u_pack=2, u_kblock=kb)
-    return _with_attrs_of(kernel, func), packing
+    return _cpu.with_attrs_of(kernel, func), packing
 
 
 def _v_scale_group(func: tirx.PrimFunc) -> int | None:
@@ -273,7 +273,7 @@ def _plain_shape(func: tirx.PrimFunc) -> GemmShape | None:
     sv, vq = func.params[1], func.params[0]
     shape = GemmShape(s["p"], s["t"], s["c"], s["k"], s["gg"], s["ng"], int(sv.shape[2]), gsv,
                       str(vq.dtype))
-    plain = _with_attrs_of(gemm_kernel(shape, len(func.params) == 6), func)
+    plain = _cpu.with_attrs_of(gemm_kernel(shape, len(func.params) == 6), func)
     return shape if tvm_ffi.structural_equal(plain, func) else None
 
 
@@ -283,12 +283,7 @@ def widen_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     shape = _plain_shape(func)
     if shape is None:
         return None
-    return _with_attrs_of(gemm_kernel(shape, len(func.params) == 6, widen=True), func)
-
-
-def _with_attrs_of(new: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``new`` carrying ``func``'s attributes (kernel kind, op pattern, ...)."""
-    return new.with_attrs(func.attrs) if func.attrs is not None else new
+    return _cpu.with_attrs_of(gemm_kernel(shape, len(func.params) == 6, widen=True), func)
 
 
 def tensorized_direct(target: tvm.target.Target) -> bool:
@@ -310,42 +305,17 @@ def prepack_direct(func: tirx.PrimFunc,
     packing = DirectPacking(_k_block(spec.out_channels, gemm_lanes(target)))  # a multiple of the lanes
     if not packing.fits(spec):
         return None
-    return _with_attrs_of(packed_direct_func(spec, packing), func), packing
+    return _cpu.with_attrs_of(packed_direct_func(spec, packing), func), packing
 
 
 def schedule_direct(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """Schedule a ``direct`` kernel: the packed one (:func:`prepack_direct`) with the ``vpdpbusd``
-    micro-kernel, any other with the ``cpu`` schedule.
-
-    Register block: ``tw`` output columns x ``kb`` output channels (``kb / 16`` zmm accumulators per
-    column, at most 16 in all); per (kernel tap, input quad) one 32-bit broadcast of the input per column
-    and one ``vpdpbusd`` per 16 channels; parallel over (image, channel block, output row), so one
-    channel block's weights stay in cache over its rows; dequantized per row.
-    """
+    """Schedule a ``direct`` kernel: the packed one (:func:`prepack_direct`) on the ``vpdpbusd``
+    micro-kernel (:func:`cpu.schedule_packed_direct`: up to 8 columns x 32 channels, 16 zmm
+    accumulators), any other with the ``cpu`` schedule."""
     if len(func.params) != 6:
         return _cpu.schedule_direct(func)
     lanes = gemm_lanes(target)
-    sch = _cpu.schedule_input_quant(Schedule(func))
-    blk = sch.get_sblock("conv_acc")
-    n, oh, ow, ko, ki, r, s_, c4, ci = sch.get_loops(blk)
-    kb = _cpu._extent(sch, ki)
-    fitting = tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // lanes <= 16)
-    tw = _cpu._divisor(_cpu._extent(sch, ow), fitting)
-    owo, owi = sch.split(ow, [None, tw])
-    kbo, kl = sch.split(ki, [None, lanes])
-    sch.reorder(n, ko, oh, owo, r, s_, c4, owi, kbo, kl, ci)
-    row = sch.fuse(n, ko, oh)
-    sch.parallel(row)
-    local = sch.cache_write(blk, 0, "global")  # compacted to [tw, kb] under owo: registers
-    sch.reverse_compute_at(local, owo)
-    sch.vectorize(sch.get_loops(local)[-1])
-    _cpu.schedule_direct_dequant(sch, row)
-    sch.decompose_reduction(blk, r)
-    sch.unroll(owi)
-    sch.unroll(kbo)
-    sch.vectorize(sch.fuse(*sch.get_loops(sch.get_sblock("conv_acc_init"))[-2:]))
-    sch.tensorize(kl, VPDPBUSD_INTRIN[lanes])  # last: the tensorized block defeats compute-at analyses
-    return sch.mod["main"].with_attr(_cpu._SCHEDULED, True)
+    return _cpu.schedule_packed_direct(func, lanes, VPDPBUSD_INTRIN[lanes], 16)
 
 
 def schedule_winoq_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

@@ -15,10 +15,8 @@ the emulated board (:mod:`tvm_winoq.board`; skipped when its Debian packages are
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,15 @@ import torch
 
 tvm = pytest.importorskip("tvm")
 
+from benchmarks.aarch64_asm import (  # noqa: E402
+    OBJDUMP,
+    count,
+    disassemble,
+    function_code,
+    inner_loop,
+    mca,
+    mca_cycles,
+)
 from tvm_winoq.config import groupwise  # noqa: E402
 from tvm_winoq.errors import DeviceError  # noqa: E402
 from tvm_winoq.quant import plan_layer, winograd_conv2d_int  # noqa: E402
@@ -43,7 +50,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross gcc "
                        "(apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"),
 ]
-OBJDUMP = shutil.which("aarch64-linux-gnu-objdump")
 needs_objdump = pytest.mark.skipif(OBJDUMP is None,
                                    reason="no aarch64-linux-gnu-objdump (binutils-aarch64-linux-gnu)")
 
@@ -115,88 +121,6 @@ def build_layer(tile: int | Shape, preset_name: str, out: Path, debug: bool = Fa
     y, trace = winograd_conv2d_int(x, plan, return_trace=True)
     return Layer(shape.tile, preset_name, debug, path, spec, layer_constants(plan), x.numpy(), y.numpy(),
                  trace)
-
-
-def _tool(name: str, *args: str) -> str:
-    return subprocess.run([f"aarch64-linux-gnu-{name}", *args], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def disassemble(lib: Path) -> list[tuple[int, str]]:
-    """``objdump -d`` of ``lib``: (address, instruction text) of every instruction."""
-    out = []
-    for line in _tool("objdump", "-d", "--no-show-raw-insn", str(lib)).splitlines():
-        m = re.match(r"\s+([0-9a-f]+):\s+(\S.*)$", line)
-        if m:
-            out.append((int(m.group(1), 16), m.group(2)))
-    return out
-
-
-def _code_refs(code: list[tuple[int, str]], lo: int, hi: int,
-               funcs: frozenset[int] = frozenset()) -> set[int]:
-    """Code addresses in ``[lo, hi)`` that ``code`` takes (an ``adrp`` directly followed by an ``add`` to
-    the same register: the parallel bodies handed to ``TVMBackendParallelLaunch``), calls (``bl``) or
-    tail-calls (``b`` to one of ``funcs``: the exported wrapper ends in ``b <name>_compute_``).
-
-    Only adjacent ``adrp``/``add`` pairs count: a register's page is stale once anything else ran (a
-    stale page would cut a parallel body in two at some constant's address)."""
-    refs, page = set(), None  # page: (register, address) of the instruction just before
-    for _, ins in code:
-        prev, page = page, None
-        if m := re.match(r"adrp\s+(x\d+),\s*([0-9a-f]+)", ins):
-            page = (m.group(1), int(m.group(2), 16))
-        elif (m := re.match(r"add\s+(x\d+),\s*(x\d+),\s*#0x([0-9a-f]+)", ins)) and prev is not None \
-                and prev[0] == m.group(2) == m.group(1):
-            refs.add(prev[1] + int(m.group(3), 16))
-        elif m := re.match(r"bl\s+([0-9a-f]+)", ins):
-            refs.add(int(m.group(1), 16))
-        elif (m := re.match(r"b\s+([0-9a-f]+)", ins)) and int(m.group(1), 16) in funcs:
-            refs.add(int(m.group(1), 16))
-    return {a for a in refs if lo <= a < hi}
-
-
-def function_code(lib: Path, symbol: str) -> tuple[list[str], list[str]]:
-    """Instructions of the exported ``symbol`` and of the internal functions it launches or calls (its
-    parallel bodies have no symbols: LLVM gives them private linkage), and all other instructions.
-
-    Function boundaries: a symbol's size where it has one, else the next function symbol or code address
-    some function takes.
-    """
-    sec = next(ln.split() for ln in _tool("readelf", "-SW", str(lib)).splitlines() if " .text " in ln)
-    lo = int(sec[sec.index(".text") + 2], 16)
-    hi = lo + int(sec[sec.index(".text") + 4], 16)
-    syms, sizes = {}, {}
-    for line in _tool("readelf", "-sW", str(lib)).splitlines():
-        f = line.split()
-        if len(f) >= 8 and f[3] == "FUNC" and f[6] != "UND" and lo <= int(f[1], 16) < hi:
-            syms[f[7]] = int(f[1], 16)
-            sizes[syms[f[7]]] = int(f[2], 0)
-    code = disassemble(lib)
-    entries = set(syms.values())
-    while True:  # the internal functions reachable from any function
-        bounds = sorted(entries) + [hi]
-        found = set().union(*(_code_refs([c for c in code if a <= c[0] < b], lo, hi)
-                              for a, b in zip(bounds, bounds[1:], strict=False)))
-        if found <= entries:
-            break
-        entries |= found
-    bounds = sorted(entries) + [hi]
-    ranges = dict(zip(bounds, bounds[1:], strict=False))
-    ranges |= {a: a + n for a, n in sizes.items() if n > 0}  # a symbol's own size, where it has one
-    todo, mine = [syms[symbol]], set()
-    while todo:
-        a = todo.pop()
-        if a not in mine:
-            mine.add(a)
-            todo += _code_refs([c for c in code if a <= c[0] < ranges[a]], lo, hi, frozenset(syms.values()))
-    inside, outside = [], []
-    for addr, ins in code:
-        (inside if any(a <= addr < ranges[a] for a in mine) else outside).append(ins)
-    return inside, outside
-
-
-def _count(code: list[str], mnemonic: str) -> int:
-    return sum(1 for ins in code if ins.split()[0] == mnemonic)
 
 
 def _free_port() -> int:
@@ -316,10 +240,10 @@ def test_gemm_uses_dot_product_instructions(tile: int, preset: str, layers: Call
     ins = "smmla" if smmla else "sdot"
     # one instruction per (4 channels x 4 output channels) or (8 channels x 2 x 2): at least the
     # whole group reduction of one register block is unrolled into the loop body
-    assert _count(gemm, ins) >= (GROUP // 8 if smmla else GROUP // 4), f"no {ins} in the GEMM"
-    assert _count(rest, "sdot") == _count(rest, "smmla") == 0, "dot products outside the GEMM"
+    assert count(gemm, ins) >= (GROUP // 8 if smmla else GROUP // 4), f"no {ins} in the GEMM"
+    assert count(rest, "sdot") == count(rest, "smmla") == 0, "dot products outside the GEMM"
     if preset == "rpi5":
-        assert _count(gemm, "smmla") == 0  # rpi5 (Cortex-A76) has no i8mm
+        assert count(gemm, "smmla") == 0  # rpi5 (Cortex-A76) has no i8mm
 
 
 @needs_objdump
@@ -327,7 +251,7 @@ def test_gemm_uses_dot_product_instructions(tile: int, preset: str, layers: Call
 def test_rpi4_gets_the_cpu_family_without_dot_products(debug_layers: dict) -> None:
     for tile in (4, 6):
         code = [ins for _, ins in disassemble(debug_layers[tile, "rpi4"].path)]
-        assert code and _count(code, "sdot") == _count(code, "smmla") == 0
+        assert code and count(code, "sdot") == count(code, "smmla") == 0
 
 
 @pytest.mark.board
@@ -340,7 +264,7 @@ def test_debug_kernels_bit_exact_on_board(preset: str, debug_layers: dict, board
         layer = debug_layers[tile, preset]
         if OBJDUMP:
             gemm, _ = function_code(layer.path, "__tvm_ffi_winoq_gemm")
-            assert _count(gemm, "sdot") + _count(gemm, "smmla") > 0
+            assert count(gemm, "sdot") + count(gemm, "smmla") > 0
         check_trace(run_on_board(remote, layer), layer)
 
 
@@ -364,8 +288,8 @@ def test_more_shapes_bit_exact_on_board(preset: str, libdir: Path, board_max: di
             gemm, rest = function_code(layer.path, "__tvm_ffi_winoq_gemm")
             ins = rpi5_ins if preset == "rpi5" else graviton_ins
             for mnemonic in ("sdot", "smmla"):
-                assert (_count(gemm, mnemonic) > 0) == (mnemonic == ins), (shape, mnemonic)
-                assert _count(rest, mnemonic) == 0
+                assert (count(gemm, mnemonic) > 0) == (mnemonic == ins), (shape, mnemonic)
+                assert count(rest, mnemonic) == 0
         check_trace(run_on_board(remote, layer), layer)
 
 
@@ -397,7 +321,7 @@ def test_relax_model_on_board(board_max: dict, libdir: Path) -> None:
     assert [r.rewritten for r in cm.records] == [True]
     lib = rpi5.export_library(cm.executable, libdir / "model_rpi5.so")
     if OBJDUMP:
-        assert _count([ins for _, ins in disassemble(lib)], "sdot") > 0
+        assert count([ins for _, ins in disassemble(lib)], "sdot") > 0
     res = remote_bench(lib, [x.numpy()], rpc=board_max["rpc"], timeout=60, number=1, repeat=1)
     host = compile_model(model, x, groupwise(tile=4), target={"kind": "llvm", "num-cores": 2}).runner()(x)
     got = res["outputs"][0]
@@ -405,35 +329,9 @@ def test_relax_model_on_board(board_max: dict, libdir: Path) -> None:
     assert np.abs(got - host).max() <= 1e-5 * np.abs(host).max()
 
 
-# ----------------------------------------------------------------------------------- llvm-mca estimate
-def _mca() -> str | None:
-    return shutil.which("llvm-mca") or next(
-        (shutil.which(f"llvm-mca-{v}") for v in range(25, 12, -1) if shutil.which(f"llvm-mca-{v}")), None)
-
-
-def inner_loop(code: list[tuple[int, str]], mnemonic: str) -> list[str]:
-    """The innermost backward branch's body that contains ``mnemonic`` (the GEMM micro-kernel loop)."""
-    addr = [a for a, _ in code]
-    best: list[str] = []
-    for i, (a, ins) in enumerate(code):
-        m = re.match(r"(b\.\w+|cbn?z|tbn?z|b)\s+(?:\S+,\s*)*([0-9a-f]+)\s+<", ins)
-        if not m:
-            continue
-        target = int(m.group(2), 16)
-        if target >= a or target not in addr:
-            continue
-        body = [x for _, x in code[addr.index(target):i + 1]]
-        if any(x.split()[0] == mnemonic for x in body) and (not best or len(body) < len(best)):
-            best = body
-    return best
-
-
-_BRANCH = re.compile(r"(b|bl|b\.\w+|cbn?z|tbn?z|ret)$")
-
-
 @needs_objdump
 @pytest.mark.slow
-@pytest.mark.skipif(_mca() is None, reason="no llvm-mca")
+@pytest.mark.skipif(mca() is None, reason="no llvm-mca")
 @pytest.mark.parametrize(("preset", "ins", "cpu", "macs"),
                          [("rpi5", "sdot", "cortex-a76", 16), ("graviton3", "smmla", "neoverse-v1", 32)])
 def test_llvm_mca_estimate_of_the_gemm_loop(layers: Callable, preset: str, ins: str, cpu: str,
@@ -442,12 +340,8 @@ def test_llvm_mca_estimate_of_the_gemm_loop(layers: Callable, preset: str, ins: 
     cores with its Cortex-A57 scheduling model, so take the numbers as rough)."""
     loop = inner_loop(disassemble(layers(4, preset).path), ins)
     assert loop, f"no loop around the {ins} micro-kernel"
-    asm = "\n".join("nop" if _BRANCH.match(x.split()[0]) else re.sub(r"\s+(<.*>|//.*)$", "", x) for x in loop)
-    res = subprocess.run([_mca(), "-mtriple=aarch64", f"-mcpu={cpu}", "-mattr=+dotprod,+i8mm",
-                          "-iterations=100"], input=asm + "\n", capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    cyc = float(re.search(r"Total Cycles:\s+(\d+)", res.stdout).group(1)) / 100
-    n = _count(loop, ins)
+    cyc = mca_cycles(loop, cpu)
+    n = count(loop, ins)
     print(f"\nllvm-mca {cpu}: {len(loop)} instructions, {n} {ins}, {cyc:.1f} cycles/iteration, "
           f"{macs * n / cyc:.1f} int8 MAC/cycle")
     assert n > 0 and cyc > 0

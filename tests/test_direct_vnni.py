@@ -67,8 +67,9 @@ def test_packing_layout_and_offset_sums() -> None:
         p.pack(w[..., :24])
     with pytest.raises(ValueError, match="bad packing"):
         DirectPacking(0)
-    with pytest.raises(ValueError, match="bad packing"):  # q + 0 is not an unsigned byte for q < 0
-        DirectPacking(16, x_offset=0)
+    with pytest.raises(ValueError, match="bad packing"):  # q + 1 is not an unsigned byte for q < -1
+        DirectPacking(16, x_offset=1)
+    assert DirectPacking(16, x_offset=0).x_dtype == "int8"  # no offset: signed bytes (Arm sdot)
 
 
 def test_packed_kernel_rejects_what_it_cannot_compute() -> None:

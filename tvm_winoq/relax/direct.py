@@ -33,7 +33,7 @@ from ..quant.baselines import quantize_weight_per_channel
 from .kernels import input_quant_macro
 
 __all__ = ["DirectLayerExecutable", "DirectPacking", "DirectSpec", "compile_direct_layer", "direct_constants",
-           "direct_func", "packed_direct_func", "whole_quads"]
+           "direct_func", "direct_layer_module", "packed_direct_func", "whole_quads"]
 
 
 @dataclass(frozen=True)
@@ -235,16 +235,22 @@ class DirectPacking:
     """How a packed direct kernel (:func:`packed_direct_func`) takes its constant ``w_q``: output channels
     in blocks of ``kb``, input channels in quads (zero weights pad the last), ``[K/kb, KH, KW, C/4, kb, 4]``
     (each block's weights one contiguous stream, one quad per output channel a 32-bit lane), and the
-    input shifted by ``x_offset`` (unsigned bytes ``q + x_offset``), undone exactly by the constant
-    ``w_c[k] = x_offset * sum(w_q[.., k])``."""
+    input either signed bytes ``q`` (``x_offset = 0``: Arm ``sdot``, signed x signed) or shifted by
+    ``x_offset`` into unsigned bytes ``q + x_offset`` (x86 ``vpdpbusd``, unsigned x signed), undone
+    exactly by the constant ``w_c[k] = x_offset * sum(w_q[.., k])``."""
 
     kb: int
     x_offset: int = 128
 
     def __post_init__(self) -> None:
-        # q + x_offset must be an unsigned byte for every q in [-127, 127]
-        if self.kb < 1 or not 127 <= self.x_offset <= 128:
+        # q + x_offset must be a byte of x_dtype for every q in [-127, 127]
+        if self.kb < 1 or not (self.x_offset == 0 or 127 <= self.x_offset <= 128):
             raise ValueError(f"DirectPacking: bad packing {self}")
+
+    @property
+    def x_dtype(self) -> str:
+        """Storage type of the quantized input: ``int8`` without an offset, else ``uint8``."""
+        return "int8" if self.x_offset == 0 else "uint8"
 
     def fits(self, spec: DirectSpec) -> bool:
         """Whether ``spec`` can take this packing (dense, whole blocks of output channels)."""
@@ -271,10 +277,10 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
     """Kernel ``direct`` on weights packed at compile time: ``(x, w_p, s_w, bias, w_c, y)``.
 
     The same integers as :func:`direct_func`, laid out for a dot-product micro-kernel over input
-    channel quads (``vpdpbusd``: unsigned x signed bytes): ``x_q`` is stored as ``uint8`` ``q + x_offset``
-    (padding ``x_offset``), ``conv_acc`` sums ``(q + x_offset) * w`` over ``(r, s, c4, ci)`` with ``k`` split
-    ``(ko, ki)``, and ``dequant`` subtracts ``w_c[k]`` first, so ``acc - w_c`` is the plain kernel's
-    accumulator, bit for bit.
+    channel quads (``vpdpbusd``: unsigned x signed bytes; ``sdot``: signed x signed): ``x_q`` is stored
+    as ``packing.x_dtype`` ``q + x_offset`` (padding ``x_offset``), ``conv_acc`` sums ``(q + x_offset) * w``
+    over ``(r, s, c4, ci)`` with ``k`` split ``(ko, ki)``, and ``dequant`` subtracts ``w_c[k]`` first (0
+    without an offset), so ``acc - w_c`` is the plain kernel's accumulator, bit for bit.
     """
     if not packing.fits(spec):
         raise ConfigError(f"{spec.key()} does not fit the packed direct kernel ({packing})")
@@ -284,8 +290,8 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
     dh, dw = spec.dilation
     hp, wp, oh, ow, kb = spec.padded_h, spec.padded_w, spec.out_h, spec.out_w, packing.kb
     cp = whole_quads(c)  # the extra channels hold x_offset, their weights are 0
-    quantize_input = input_quant_macro((nb, c, h, w), (hp, wp), spec.padding[:2], spec.act_qmax, "uint8",
-                                       packing.x_offset, cp)
+    quantize_input = input_quant_macro((nb, c, h, w), (hp, wp), spec.padding[:2], spec.act_qmax,
+                                       packing.x_dtype, packing.x_offset, cp)
 
     @T.prim_func(s_tir=True, private=True)
     def winoq_direct_packed(x: T.Buffer((nb, c, h, w), "float32"),
@@ -293,7 +299,7 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
                             sw: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
                             wc: T.Buffer((k,), "int32"), y: T.Buffer((nb, k, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})
-        xq = T.sblock_alloc_buffer((nb, hp, wp, cp), "uint8")
+        xq = T.sblock_alloc_buffer((nb, hp, wp, cp), packing.x_dtype)
         sx = T.sblock_alloc_buffer((1,), "float32")
         xmax = T.sblock_alloc_buffer((1,), "float32")
         acc = T.sblock_alloc_buffer((nb, oh, ow, k), "int32")
@@ -361,6 +367,51 @@ class DirectLayerExecutable:
         return float(np.median(te(*args).results))
 
 
+def direct_layer_module(
+    spec: DirectSpec,
+    consts: dict[str, np.ndarray],
+    target: tvm.target.Target,
+    *,
+    debug: bool = False,
+    schedule: bool = True,
+) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """The ``direct`` kernel of ``spec`` for ``target`` as a scheduled module (one PrimFunc,
+    ``winoq_direct``) and the constants it takes (packed where the family packs them: its
+    ``prepack_direct`` hook, e.g. ``schedules/x86.py``, ``schedules/arm.py``).  Cross targets build it
+    with ``tvm.compile`` and export it with their preset (:meth:`TargetPreset.export_library`).
+
+    Parameters
+    ----------
+    spec : DirectSpec
+        Shapes of the layer.
+    consts : dict
+        :func:`direct_constants` of its weights.
+    target : Target
+        A CPU (LLVM) target.
+    debug : bool
+        Expose the integer intermediates (never packed).
+    schedule : bool
+        Apply the target family's ``schedule_direct`` (``False``: naive TIR, never packed).
+
+    Returns
+    -------
+    (IRModule, dict)
+    """
+    from .schedules import schedules_for
+
+    func = direct_func(spec, debug).with_attr("winoq.kernel", "direct")
+    family = schedules_for(target) if schedule else None
+    packed = None if debug or family is None or not hasattr(family, "prepack_direct") else (
+        family.prepack_direct(func, target))
+    if packed is not None:
+        func, packing = packed
+        consts = consts | {"w_q": packing.pack(consts["w_q"]), "w_c": packing.extras(consts["w_q"])[0]}
+    mod = tvm.IRModule({"winoq_direct": func.with_attr("global_symbol", "winoq_direct")})
+    if family is not None:
+        mod = family.schedule_winoq_kernels(mod, target)
+    return mod, consts
+
+
 def compile_direct_layer(
     spec: DirectSpec,
     consts: dict[str, np.ndarray],
@@ -369,17 +420,17 @@ def compile_direct_layer(
     debug: bool = False,
     schedule: bool = True,
 ) -> DirectLayerExecutable:
-    """Build the ``direct`` kernel of ``spec`` for ``target`` (``debug`` adds ``x_q``/``s_x``/``acc``).
+    """Build the ``direct`` kernel of ``spec`` for ``target`` (``debug`` adds ``x_q``/``s_x``/``acc``)
+    and load it on this host (:func:`direct_layer_module`, then ``tvm.compile``).
 
     Parameters
     ----------
     spec : DirectSpec
         Shapes of the layer.
     consts : dict
-        :func:`direct_constants` of its weights (packed here where the family packs them: its
-        ``prepack_direct`` hook, see ``schedules/x86.py``).
+        :func:`direct_constants` of its weights.
     target : Target, str or dict
-        A CPU (LLVM) target.
+        A CPU (LLVM) target this host runs.
     debug : bool
         Expose the integer intermediates.
     schedule : bool
@@ -389,17 +440,6 @@ def compile_direct_layer(
     -------
     DirectLayerExecutable
     """
-    from .schedules import schedules_for
-
     tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    func = direct_func(spec, debug).with_attr("winoq.kernel", "direct")
-    family = schedules_for(tgt) if schedule else None
-    packed = None if debug or family is None or not hasattr(family, "prepack_direct") else (
-        family.prepack_direct(func, tgt))
-    if packed is not None:
-        func, packing = packed
-        consts = consts | {"w_q": packing.pack(consts["w_q"]), "w_c": packing.extras(consts["w_q"])[0]}
-    mod = tvm.IRModule({"winoq_direct": func.with_attr("global_symbol", "winoq_direct")})
-    if family is not None:
-        mod = family.schedule_winoq_kernels(mod, tgt)
+    mod, consts = direct_layer_module(spec, consts, tgt, debug=debug, schedule=schedule)
     return DirectLayerExecutable(spec, tvm.compile(mod, target=tgt).jit(), consts, debug)

@@ -10,7 +10,7 @@ a dot-product micro-kernel: ``winoq compile`` then measures which layers it make
 
 * ``cpu``  -- any LLVM CPU target (x86 AVX2/AVX-512, Arm NEON): parallel, vectorized, register blocked;
 * ``arm``  -- aarch64 with ``dotprod``/``i8mm``: the ``cpu`` family with the GEMM tensorized to sdot/smmla
-  (when that module exists);
+  and the int8 direct kernel to sdot (when that module exists);
 * ``x86``  -- x86-64 (``mtriple`` x86_64...): the ``cpu`` family with the GEMM tensorized to
   ``vpmaddwd`` (AVX2) / ``vpdpbusd`` (AVX-512 VNNI), and on VNNI the int8 direct kernel too (when that
   module exists);
