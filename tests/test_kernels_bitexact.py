@@ -119,3 +119,21 @@ def test_unsupported_v_layout_is_rejected():
     _, plan, _, _ = _case(4, 8, 8, 6, 6, 1, cfg=per_tensor(tile=4))
     with pytest.raises(ValueError, match="per position and tile"):
         KernelSpec.from_plan(plan, (1, 8, 6, 6))
+
+
+
+@pytest.mark.parametrize(("tile", "qmax", "dtype"), [(2, 127, "int16"), (4, 127, "int16"), (6, 127, "int32"),
+                                                    (4, 32767, "int32")])
+def test_input_transform_type_holds_every_partial_sum(tile, qmax, dtype):
+    """int16 only where the largest ``|V_int|`` any input reaches (``d = qmax * sign(BT_i) sign(BT_j)^T``:
+    ``qmax * L1_i * L1_j``) fits; the scheduled kernels above run it (F(2,3), F(4,3))."""
+    from tvm_winoq.relax.kernels import transform_dtype
+
+    bt = np.asarray(plan_layer(torch.randn(8, 8, 3, 3), None, (1, 1), groupwise(tile=tile)).bt_int, np.int64)
+    assert transform_dtype(bt.tolist(), qmax) == dtype
+    l1 = np.abs(bt).sum(axis=1)
+    i, j = np.unravel_index(np.argmax(np.outer(l1, l1)), (len(l1), len(l1)))
+    d = qmax * np.outer(np.sign(bt[i]), np.sign(bt[j]))  # the input tile reaching that bound
+    reached = abs(int(bt[i] @ d @ bt[j]))
+    assert reached == qmax * l1[i] * l1[j]
+    assert (reached <= 32767) == (dtype == "int16")
