@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -139,7 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, help="write the table here")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
-    rows = [r for p in args.presets for s in args.shapes for r in estimate_layer(p, s)]
+    for shape in args.shapes:
+        try:
+            parse_shape(shape)
+        except ValueError as e:
+            ap.error(str(e))
+    try:
+        rows = [r for p in args.presets for s in args.shapes for r in estimate_layer(p, s)]
+    except (RuntimeError, ValueError, subprocess.CalledProcessError) as e:  # no llvm-mca / binutils, no loop
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = markdown(rows)
     print(table)
     if args.markdown:

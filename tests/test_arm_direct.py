@@ -186,3 +186,13 @@ def test_static_estimate_direct_against_winograd(tmp_path: Path) -> None:
     table = markdown(rows)
     print("\n" + table)
     assert "| rpi5 (cortex-a76) | 64@14 | f4 |" in table and "x |" in table
+
+
+def test_static_estimate_rejects_bad_arguments(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.arm_mca import estimate_layer, main
+
+    with pytest.raises(SystemExit):
+        main(["--shapes", "64@x", "--markdown", "never.md"])
+    assert "bad shape '64@x'" in capsys.readouterr().err and not Path("never.md").exists()
+    with pytest.raises(ValueError, match="no llvm-mca core for preset 'rpi4'"):
+        estimate_layer("rpi4", "64@14")
