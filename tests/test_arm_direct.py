@@ -79,9 +79,14 @@ def libdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def board() -> Iterator[dict]:
+def remote() -> Iterator[object]:
+    """One RPC session on an emulated board for every board test of this module (the stock server
+    serves one session at a time; a session a test left open, e.g. in a reference cycle, would block
+    the next test's connect)."""
     with emulated_board(cpu="max") as b:
-        yield b
+        session = connect(rpc=b["rpc"], timeout=60, session_timeout=1200)
+        yield session
+        del session
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -125,7 +130,7 @@ def test_direct_kernel_uses_sdot(preset: str, libdir: Path) -> None:
 @pytest.mark.board
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_direct_kernel_on_board_matches_reference(case: tuple, libdir: Path, board: dict) -> None:
+def test_direct_kernel_on_board_matches_reference(case: tuple, libdir: Path, remote: object) -> None:
     """Every output within a quarter of its accumulator step of the reference: the int32 sums are the
     reference's (one step off would be 4x the bound), the rest float rounding."""
     lib, consts, spec = _build(case, "rpi5", libdir)
@@ -133,7 +138,6 @@ def test_direct_kernel_on_board_matches_reference(case: tuple, libdir: Path, boa
     cfg = default_config(4)
     ref, trace = direct_conv2d_int8(x, wt, b, spec.padding[:2], cfg.direct, cfg.act.qmax, spec.stride,
                                     return_trace=True)
-    remote = connect(rpc=board["rpc"], timeout=60)
     remote.upload(str(lib), target=lib.name)
     dev = remote.cpu(0)
     fn = remote.load_module(lib.name)["winoq_direct"]
@@ -149,11 +153,11 @@ def test_direct_kernel_on_board_matches_reference(case: tuple, libdir: Path, boa
 
 @pytest.mark.board
 @pytest.mark.slow
-def test_ineligible_direct_model_on_board(libdir: Path, board: dict) -> None:
+def test_ineligible_direct_model_on_board(libdir: Path, remote: object) -> None:
     """``ineligible="direct"`` for rpi5: the stride-2 conv becomes the packed sdot kernel in the Relax
     flow; the board's output is the host build's."""
     from tvm_winoq.relax.build import compile_model
-    from tvm_winoq.rpc import remote_bench
+    from tvm_winoq.rpc import bench_module
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
@@ -168,7 +172,7 @@ def test_ineligible_direct_model_on_board(libdir: Path, board: dict) -> None:
         prefix = "__tvm_ffi_" + cm.records[1].kernels[0]  # the prepacked kernel: a suffix is added
         (symbol,) = {w for w in tool("readelf", "-sW", str(lib)).split() if w.startswith(prefix)}
         assert count(function_code(lib, symbol)[0], "sdot") > 0
-    got = remote_bench(lib, [x.numpy()], rpc=board["rpc"], timeout=60, number=1, repeat=1)["outputs"][0]
+    got = bench_module(remote, lib, [x.numpy()], number=1, repeat=1)["outputs"][0]
     host = compile_model(model, x, cfg, target={"kind": "llvm", "num-cores": 2}).runner()(x)
     assert np.abs(got - host).max() <= 1e-5 * np.abs(host).max()
 
