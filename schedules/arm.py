@@ -269,8 +269,7 @@ def _direct_block(spec: DirectSpec) -> int:
     register tile (with the columns :func:`cpu.schedule_packed_direct` will pick) holds the most
     accumulators, the wider on a tie (14 columns: 8 channels x 7 columns, not 16 x 2)."""
     def accumulators(kb: int) -> int:
-        fitting = tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // 4 <= _DIRECT_ACCUMULATORS)
-        return _cpu._divisor(spec.out_w, fitting) * kb // 4
+        return _cpu.packed_direct_columns(spec.out_w, kb, 4, _DIRECT_ACCUMULATORS) * kb // 4
 
     blocks = [kb for kb in (16, 8, 4) if spec.out_channels % kb == 0]
     return max(blocks, key=lambda kb: (accumulators(kb), kb), default=0)

@@ -33,8 +33,8 @@ from tvm.s_tir import Schedule
 
 from tvm_winoq.relax.schedules import load_module
 
-__all__ = ["gemm_shape", "schedule_direct", "schedule_direct_dequant", "schedule_input_quant",
-           "schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
+__all__ = ["gemm_shape", "packed_direct_columns", "schedule_direct", "schedule_direct_dequant",
+           "schedule_input_quant", "schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
            "schedule_kernels_with_gemm", "schedule_packed_direct", "schedule_packed_gemm",
            "schedule_winoq_kernels"]
 
@@ -393,6 +393,12 @@ def schedule_direct(func: tirx.PrimFunc, tile_w: int = 4, lanes: int = 16) -> ti
     return sch.mod["main"].with_attr(_SCHEDULED, True)
 
 
+def packed_direct_columns(out_w: int, kb: int, lanes: int, accumulators: int) -> int:
+    """Output columns per register block of :func:`schedule_packed_direct`: the largest of 8..2 dividing
+    ``out_w`` whose ``columns * kb / lanes`` accumulators fit in ``accumulators`` (1 if none)."""
+    return _divisor(out_w, tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // lanes <= accumulators))
+
+
 def schedule_packed_direct(func: tirx.PrimFunc, lanes: int, intrin: str, accumulators: int) -> tirx.PrimFunc:
     """Schedule a packed ``direct`` kernel (:func:`~tvm_winoq.relax.direct.packed_direct_func`) on a
     dot-product micro-kernel: ``intrin`` reduces one input quad into ``lanes`` int32 output channels
@@ -406,9 +412,7 @@ def schedule_packed_direct(func: tirx.PrimFunc, lanes: int, intrin: str, accumul
     sch = schedule_input_quant(Schedule(func))
     blk = sch.get_sblock("conv_acc")
     n, oh, ow, ko, ki, r, s_, c4, ci = sch.get_loops(blk)
-    kb = _extent(sch, ki)
-    fitting = tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // lanes <= accumulators)
-    tw = _divisor(_extent(sch, ow), fitting)
+    tw = packed_direct_columns(_extent(sch, ow), _extent(sch, ki), lanes, accumulators)
     owo, owi = sch.split(ow, [None, tw])
     kbo, kl = sch.split(ki, [None, lanes])
     sch.reorder(n, ko, oh, owo, r, s_, c4, owi, kbo, kl, ci)

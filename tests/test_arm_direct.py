@@ -22,6 +22,7 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from rpc_servers import emulated_board  # noqa: E402
+from test_direct_vnni import _case  # noqa: E402  (the same layers and inputs)
 
 from benchmarks.aarch64_asm import OBJDUMP, count, function_code, mca, tool  # noqa: E402
 from tvm_winoq.config import default_config, groupwise  # noqa: E402
@@ -53,15 +54,6 @@ CASES = [  # C, K, H, W, kernel, stride, pad
     (3, 64, 20, 20, 7, 2, 3),  # ResNet's stem: 3 input channels, padded to a quad
 ]
 IDS = [f"c{c}k{k}_{h}x{w}_{ks}x{ks}s{s}" for c, k, h, w, ks, s, _ in CASES]
-
-
-def _case(c: int, k: int, h: int, w: int, ks: int, stride: int, pad: int):
-    torch.manual_seed(c + k + h)
-    x = torch.randn(1, c, h, w)
-    x[0, 0, 0, 0] = -4 * x.abs().max()  # the input's absmax lands on -127
-    wt, b = torch.randn(k, c, ks, ks) * 0.1, torch.randn(k)
-    spec = DirectSpec.of(x.shape, wt.shape, stride=(stride, stride), padding=(pad, pad))
-    return x, wt, b, spec
 
 
 def _build(case: tuple, preset: str, out: Path) -> tuple[Path, dict[str, np.ndarray], DirectSpec]:
