@@ -31,7 +31,11 @@ twice the ``vpdpwssd`` kernel's speed (320@64: 16.0 -> 7.5 ms).
 The int8 direct kernel gets the same treatment on AVX-512 VNNI (:func:`prepack_direct`,
 :func:`schedule_direct`): weights packed at compile time in quads of input channels per block of output
 channels, the input quantized to ``uint8`` ``q + 128``, ``128 * sum(w)`` subtracted per output channel
-in the dequantization (:func:`tvm_winoq.relax.direct.packed_direct_func`).
+in the dequantization (:func:`tvm_winoq.relax.direct.packed_direct_func`).  Without VNNI (AVX2) the
+direct kernel is packed in pairs of input channels instead, the input stored as ``int16`` (a pair is one
+32-bit broadcast) and reduced on ``vpmaddwd`` with the weights sign-extended on load: 1.5-2.6x faster
+than the ``cpu`` schedule's direct kernel on a Zen 3 (strided and 1x1 convs, ResNet's 7x7 stem), the
+same integers.
 
 ``L`` = 8 (ymm, AVX2) or 16 (zmm, when the target has AVX-512 BW).  Register block: 4 tiles x ``2L``
 output channels (8 accumulators).  Integer sums are exact in any order and the fma chain over groups
@@ -287,34 +291,64 @@ def widen_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 
 
 def tensorized_direct(target: tvm.target.Target) -> bool:
-    """Whether :func:`schedule_direct` runs dense direct convs on a dot-product micro-kernel for
-    ``target`` (AVX-512 VNNI): only then can int8 direct beat Winograd, and ``winoq compile``'s
-    ``measure`` phase is worth its two builds."""
+    """Whether int8 direct can beat Winograd on ``target``, so ``winoq compile``'s ``measure`` phase is
+    worth its two builds: with AVX-512 VNNI (``vpdpbusd``, 64 multiply-adds per instruction).  The
+    ``vpmaddwd`` direct kernel of AVX2 (16 per instruction, the Winograd GEMM's own rate) lost to F(4,3)
+    on every 3x3 stride-1 layer measured on a Zen 3 (512@7: 3.2 vs 2.1 ms); it serves the layers that are
+    direct anyway (strided, 1x1, ``--ineligible direct``, named ``direct``)."""
     return vnni(target)
+
+
+_PAIR_ACCUMULATORS = {8: 12, 16: 24}  # ymm / zmm accumulators of the vpmaddwd direct kernel
+
+
+def _pair_block(spec: DirectSpec, lanes: int) -> int:
+    """Output channels per register block of the ``vpmaddwd`` direct kernel (4, 2 or 1 vectors; 0 if
+    ``K`` is not a multiple of the lanes): the one whose register tile (with the columns
+    :func:`cpu.schedule_packed_direct` picks) holds the most accumulators, the wider on a tie (7 columns:
+    8 channels x 7 columns on AVX2, not 16 x 1)."""
+    acc = _PAIR_ACCUMULATORS[lanes]
+
+    def accumulators(kb: int) -> int:
+        return _cpu.packed_direct_columns(spec.out_w, kb, lanes, acc) * kb // lanes
+
+    blocks = [m * lanes for m in (4, 2, 1) if spec.out_channels % (m * lanes) == 0]
+    return max(blocks, key=lambda kb: (accumulators(kb), kb), default=0)
 
 
 def prepack_direct(func: tirx.PrimFunc,
                    target: tvm.target.Target) -> tuple[tirx.PrimFunc, DirectPacking] | None:
     """``(kernel, packing)``: the plain direct kernel ``func`` rebuilt on weights packed at compile time
-    for the ``vpdpbusd`` micro-kernel (:func:`~tvm_winoq.relax.direct.packed_direct_func`: quads of input
-    channels, blocks of ``kb`` output channels, the input shifted to ``uint8``); ``None`` without AVX-512
-    VNNI, for grouped convs, channels that do not fit, or anything but the plain kernel."""
+    (:func:`~tvm_winoq.relax.direct.packed_direct_func`): with AVX-512 VNNI for ``vpdpbusd`` (quads of
+    input channels, blocks of ``kb`` output channels, the input shifted to ``uint8``), else for
+    ``vpmaddwd`` (pairs of input channels, the input stored as ``int16``, the weights sign-extended on
+    load); ``None`` without AVX2, for grouped convs, channels that do not fit, or anything but the plain
+    kernel."""
     spec = DirectSpec.of_func(func)
-    if spec is None or not vnni(target):
+    lanes = gemm_lanes(target)
+    if spec is None or not lanes:
         return None
-    packing = DirectPacking(_k_block(spec.out_channels, gemm_lanes(target)))  # a multiple of the lanes
+    if vnni(target):
+        packing = DirectPacking(_k_block(spec.out_channels, lanes))  # a multiple of the lanes
+    elif _pair_block(spec, lanes):
+        packing = DirectPacking(_pair_block(spec, lanes), x_offset=0, cw=2)
+    else:
+        return None
     if not packing.fits(spec):
         return None
     return _cpu.with_attrs_of(packed_direct_func(spec, packing), func), packing
 
 
 def schedule_direct(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """Schedule a ``direct`` kernel: the packed one (:func:`prepack_direct`) on the ``vpdpbusd``
-    micro-kernel (:func:`cpu.schedule_packed_direct`: up to 8 columns x 32 channels, 16 zmm
-    accumulators), any other with the ``cpu`` schedule."""
+    """Schedule a ``direct`` kernel: the packed one (:func:`prepack_direct`) on its micro-kernel
+    (:func:`cpu.schedule_packed_direct`: ``vpdpbusd`` on quads, up to 8 columns x 32 channels in 16 zmm
+    accumulators; or ``vpmaddwd`` on pairs, at most 12 ymm / 24 zmm accumulators), any other with the
+    ``cpu`` schedule."""
     if len(func.params) != 6:
         return _cpu.schedule_direct(func)
     lanes = gemm_lanes(target)
+    if int(func.params[1].shape[-1]) == 2:  # pairs: int16 input x int8 weights
+        return _cpu.schedule_packed_direct(func, lanes, PMADDWD16x8_INTRIN[lanes], _PAIR_ACCUMULATORS[lanes])
     return _cpu.schedule_packed_direct(func, lanes, VPDPBUSD_INTRIN[lanes], 16)
 
 

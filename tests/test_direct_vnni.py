@@ -100,7 +100,7 @@ def test_vnni_hook_packs_direct_and_emits_vpdpbusd(case: tuple) -> None:
                       target=VNNI)
     asm = (lib.mod if hasattr(lib, "mod") else lib).inspect_source("asm")
     assert "vpdpbusd" in asm and "vpmulld" not in asm
-    assert fam.prepack_direct(plain, AVX2) is None  # no VNNI: the plain kernel, cpu schedule
+    assert fam.prepack_direct(plain, AVX2)[1].cw == 2  # no VNNI: pairs for vpmaddwd (test_direct_avx2)
 
 
 def test_vnni_hook_declines_grouped_and_scheduled_kernels() -> None:
@@ -141,8 +141,9 @@ def test_model_direct_layers_use_the_packed_kernel() -> None:
     low = lower(prepare_module(m, x, cfg)[0], VNNI)
     direct = [gv.name_hint for gv in low.functions.keys() if "direct" in gv.name_hint]
     assert len(direct) == 2 and all(n.endswith("_prepacked") and len(low[n].params) == 6 for n in direct)
-    low2 = lower(prepare_module(m, x, cfg)[0], AVX2)
-    assert all(not gv.name_hint.endswith("_prepacked") for gv in low2.functions.keys())
+    low2 = lower(prepare_module(m, x, cfg)[0], AVX2)  # AVX2: the vpmaddwd pairs kernel (test_direct_avx2)
+    direct2 = [gv.name_hint for gv in low2.functions.keys() if "direct" in gv.name_hint]
+    assert len(direct2) == 2 and all(low2[n].params[1].shape[-1] == 2 for n in direct2)
 
 
 @needs_vnni
@@ -159,7 +160,7 @@ def test_vnni_model_with_direct_layers_matches_reference() -> None:
 @pytest.mark.parametrize("target", [AVX2, VNNI], ids=["avx2", "vnni"])
 def test_ineligible_direct_model_matches_reference(target) -> None:
     """``ineligible="direct"``: the stride-2 conv is int8 direct without naming it, in the compiled model
-    and in the PyTorch reference alike (packed ``vpdpbusd`` kernel on VNNI, the ``cpu`` one on AVX2)."""
+    and in the PyTorch reference alike (packed ``vpdpbusd`` kernel on VNNI, ``vpmaddwd`` pairs on AVX2)."""
     if target is VNNI and "vnni" not in host_features():
         pytest.skip("this CPU cannot run AVX-512 VNNI code")
     m, x = _model(), torch.randn(1, 32, 12, 12)

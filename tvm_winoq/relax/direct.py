@@ -33,7 +33,7 @@ from ..quant.baselines import quantize_weight_per_channel
 from .kernels import input_quant_macro
 
 __all__ = ["DirectLayerExecutable", "DirectPacking", "DirectSpec", "compile_direct_layer", "direct_constants",
-           "direct_func", "direct_layer_module", "packed_direct_func", "whole_quads"]
+           "direct_func", "direct_layer_module", "packed_direct_func"]
 
 
 @dataclass(frozen=True)
@@ -225,32 +225,38 @@ def direct_func(spec: DirectSpec, debug: bool = False) -> tirx.PrimFunc:
     return winoq_direct.with_attr("winoq.direct_spec", spec.fields())
 
 
-def whole_quads(channels: int) -> int:
-    """``channels`` rounded up to a multiple of 4 (the packed kernel's input channels)."""
-    return -(-channels // 4) * 4
-
-
 @dataclass(frozen=True)
 class DirectPacking:
     """How a packed direct kernel (:func:`packed_direct_func`) takes its constant ``w_q``: output channels
-    in blocks of ``kb``, input channels in quads (zero weights pad the last), ``[K/kb, KH, KW, C/4, kb, 4]``
-    (each block's weights one contiguous stream, one quad per output channel a 32-bit lane), and the
-    input either signed bytes ``q`` (``x_offset = 0``: Arm ``sdot``, signed x signed) or shifted by
-    ``x_offset`` into unsigned bytes ``q + x_offset`` (x86 ``vpdpbusd``, unsigned x signed), undone
-    exactly by the constant ``w_c[k] = x_offset * sum(w_q[.., k])``."""
+    in blocks of ``kb``, input channels in groups of ``cw`` (quads, or pairs; zero weights pad the last),
+    ``[K/kb, KH, KW, C/cw, kb, cw]`` (each block's weights one contiguous stream, one group per output
+    channel a 32-bit lane), and the input either signed bytes ``q`` (``x_offset = 0``: Arm ``sdot``,
+    signed x signed) or shifted by ``x_offset`` into unsigned bytes ``q + x_offset`` (x86 ``vpdpbusd``,
+    unsigned x signed), undone exactly by the constant ``w_c[k] = x_offset * sum(w_q[.., k])``.  With
+    pairs (``cw = 2``: x86 ``vpmaddwd`` without VNNI) the input is stored as ``int16`` ``q`` (a pair is
+    one 32-bit broadcast), no offset."""
 
     kb: int
     x_offset: int = 128
+    cw: int = 4
 
     def __post_init__(self) -> None:
         # q + x_offset must be a byte of x_dtype for every q in [-127, 127]
-        if self.kb < 1 or not (self.x_offset == 0 or 127 <= self.x_offset <= 128):
+        if (self.kb < 1 or not (self.x_offset == 0 or 127 <= self.x_offset <= 128) or self.cw not in (2, 4)
+                or (self.cw == 2 and self.x_offset)):
             raise ValueError(f"DirectPacking: bad packing {self}")
 
     @property
     def x_dtype(self) -> str:
-        """Storage type of the quantized input: ``int8`` without an offset, else ``uint8``."""
+        """Storage type of the quantized input: ``int16`` for pairs, ``int8`` without an offset, else
+        ``uint8``."""
+        if self.cw == 2:
+            return "int16"
         return "int8" if self.x_offset == 0 else "uint8"
+
+    def channels(self, c: int) -> int:
+        """``c`` input channels rounded up to whole groups of ``cw`` (the packed kernel's)."""
+        return -(-c // self.cw) * self.cw
 
     def fits(self, spec: DirectSpec) -> bool:
         """Whether ``spec`` can take this packing (dense, whole blocks of output channels)."""
@@ -258,13 +264,13 @@ class DirectPacking:
 
     def pack(self, w_q: np.ndarray) -> np.ndarray:
         """``w_q`` ``[KH, KW, C, K]`` (:func:`direct_constants`) in this layout, input channels padded with
-        zero weights to whole quads (``C = 3``: the padded input channel reads ``x_offset``)."""
+        zero weights to whole groups (``C = 3``: the padded input channel reads ``x_offset``)."""
         kh, kw, c, k = w_q.shape
         if k % self.kb:
             raise ValueError(f"DirectPacking: {k} output channels are not blocks of {self.kb}")
-        cp = whole_quads(c)
+        cp, cw = self.channels(c), self.cw
         w_q = np.pad(w_q, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
-        blocks = w_q.reshape(kh, kw, cp // 4, 4, k // self.kb, self.kb)
+        blocks = w_q.reshape(kh, kw, cp // cw, cw, k // self.kb, self.kb)
         return np.ascontiguousarray(blocks.transpose(4, 0, 1, 2, 5, 3))
 
     def extras(self, w_q: np.ndarray) -> list[np.ndarray]:
@@ -277,10 +283,11 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
     """Kernel ``direct`` on weights packed at compile time: ``(x, w_p, s_w, bias, w_c, y)``.
 
     The same integers as :func:`direct_func`, laid out for a dot-product micro-kernel over input
-    channel quads (``vpdpbusd``: unsigned x signed bytes; ``sdot``: signed x signed): ``x_q`` is stored
-    as ``packing.x_dtype`` ``q + x_offset`` (padding ``x_offset``), ``conv_acc`` sums ``(q + x_offset) * w``
-    over ``(r, s, c4, ci)`` with ``k`` split ``(ko, ki)``, and ``dequant`` subtracts ``w_c[k]`` first (0
-    without an offset), so ``acc - w_c`` is the plain kernel's accumulator, bit for bit.
+    channel quads or pairs (``vpdpbusd``: unsigned x signed bytes; ``sdot``: signed x signed;
+    ``vpmaddwd``: int16 pairs, the weights sign-extended on load): ``x_q`` is stored as
+    ``packing.x_dtype`` ``q + x_offset`` (padding ``x_offset``), ``conv_acc`` sums ``(q + x_offset) * w``
+    over ``(r, s, c4, ci)`` (``ci < cw``) with ``k`` split ``(ko, ki)``, and ``dequant`` subtracts
+    ``w_c[k]`` first (0 without an offset), so ``acc - w_c`` is the plain kernel's accumulator, bit for bit.
     """
     if not packing.fits(spec):
         raise ConfigError(f"{spec.key()} does not fit the packed direct kernel ({packing})")
@@ -289,13 +296,13 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
     sh, sw_ = spec.stride
     dh, dw = spec.dilation
     hp, wp, oh, ow, kb = spec.padded_h, spec.padded_w, spec.out_h, spec.out_w, packing.kb
-    cp = whole_quads(c)  # the extra channels hold x_offset, their weights are 0
+    cp, cw = packing.channels(c), packing.cw  # the extra channels hold x_offset, their weights are 0
     quantize_input = input_quant_macro((nb, c, h, w), (hp, wp), spec.padding[:2], spec.act_qmax,
                                        packing.x_dtype, packing.x_offset, cp)
 
     @T.prim_func(s_tir=True, private=True)
     def winoq_direct_packed(x: T.Buffer((nb, c, h, w), "float32"),
-                            wq: T.Buffer((k // kb, kh, kw, cp // 4, kb, 4), "int8"),
+                            wq: T.Buffer((k // kb, kh, kw, cp // cw, kb, cw), "int8"),
                             sw: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
                             wc: T.Buffer((k,), "int32"), y: T.Buffer((nb, k, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -304,14 +311,14 @@ def packed_direct_func(spec: DirectSpec, packing: DirectPacking) -> tirx.PrimFun
         xmax = T.sblock_alloc_buffer((1,), "float32")
         acc = T.sblock_alloc_buffer((nb, oh, ow, k), "int32")
         quantize_input(x, xmax, sx, xq)
-        for i0, i1, i2, i3, i4, i5, i6, i7, i8 in T.grid(nb, oh, ow, k // kb, kb, kh, kw, cp // 4, 4):
+        for i0, i1, i2, i3, i4, i5, i6, i7, i8 in T.grid(nb, oh, ow, k // kb, kb, kh, kw, cp // cw, cw):
             with T.sblock("conv_acc"):
                 v0, v1, v2, ko, ki, v5, v6, c4, ci = T.axis.remap(
                     "SSSSSRRRR", [i0, i1, i2, i3, i4, i5, i6, i7, i8])
                 with T.init():
                     acc[v0, v1, v2, ko * kb + ki] = 0
                 acc[v0, v1, v2, ko * kb + ki] = acc[v0, v1, v2, ko * kb + ki] + (
-                    T.Cast("int32", xq[v0, v1 * sh + v5 * dh, v2 * sw_ + v6 * dw, c4 * 4 + ci])
+                    T.Cast("int32", xq[v0, v1 * sh + v5 * dh, v2 * sw_ + v6 * dw, c4 * cw + ci])
                     * T.Cast("int32", wq[ko, v5, v6, c4, ki, ci]))
         for i0, i1, i2, i3 in T.grid(nb, k, oh, ow):
             with T.sblock("dequant"):

@@ -12,8 +12,8 @@ a dot-product micro-kernel: ``winoq compile`` then measures which layers it make
 * ``arm``  -- aarch64 with ``dotprod``/``i8mm``: the ``cpu`` family with the GEMM tensorized to sdot/smmla
   and the int8 direct kernel to sdot (when that module exists);
 * ``x86``  -- x86-64 (``mtriple`` x86_64...): the ``cpu`` family with the GEMM tensorized to
-  ``vpmaddwd`` (AVX2) / ``vpdpbusd`` (AVX-512 VNNI), and on VNNI the int8 direct kernel too (when that
-  module exists);
+  ``vpmaddwd`` (AVX2) / ``vpdpbusd`` (AVX-512 VNNI), and the int8 direct kernel on the same
+  instructions (when that module exists);
 * ``cuda`` -- CUDA targets (when that module exists).
 """
 
