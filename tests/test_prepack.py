@@ -11,7 +11,7 @@ import tvm
 from tvm_winoq.config import default_config
 from tvm_winoq.convert import quantize_model
 from tvm_winoq.relax.build import compile_model, lower, prepare_module
-from tvm_winoq.relax.gemm import GemmShape, UPacking, gemm_kernel, pack_u
+from tvm_winoq.relax.gemm import GemmShape, UPacking, block_scales, gemm_kernel, pack_u
 from tvm_winoq.relax.prepack import PrepackWeights
 from tvm_winoq.relax.schedules import load_family
 from tvm_winoq.targets import get_preset, host_features
@@ -109,25 +109,39 @@ def test_x86_schedules_both_packed_layouts_bit_exact(kb: int) -> None:
     vq, uq = (rng.integers(-127, 128, shape).astype("int8") for shape in ((36, 8, 64), (36, 64, 32)))
     sv, su = rng.random((36, 8, 2)).astype("float32"), rng.random((36, 2, 32)).astype("float32")
 
-    def run(func: tvm.tirx.PrimFunc, u: np.ndarray) -> np.ndarray:
+    def run(func: tvm.tirx.PrimFunc, u: np.ndarray, scales: np.ndarray) -> np.ndarray:
         lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target)
         mf = tvm.runtime.tensor(np.zeros((36, 8, 32), "float32"))
-        lib["k"](*(tvm.runtime.tensor(a) for a in (vq, sv, u, su)), mf)
+        lib["k"](*(tvm.runtime.tensor(a) for a in (vq, sv, u, scales)), mf)
         return mf.numpy()
 
     packed = gemm_kernel(s, widen=True, u_pack=2, u_kblock=kb).with_attr("winoq.kernel", "gemm")
     scheduled = load_family("x86").schedule_gemm(packed, target)
     assert "tirx.is_scheduled" in scheduled.attrs
-    np.testing.assert_array_equal(run(scheduled, pack_u(uq, 2, kb)), run(gemm_kernel(s), uq))
+    np.testing.assert_array_equal(run(scheduled, pack_u(uq, 2, kb), block_scales(su, kb)),
+                                  run(gemm_kernel(s), uq, su))
+
+
+def test_blocked_scales_follow_the_blocked_weights() -> None:
+    """With ``kb`` the U scales come ``[P, K/kb, Gg, kb]``: a channel block's scales over every group
+    contiguous, as its weights are."""
+    su = np.arange(3 * 2 * 32, dtype="float32").reshape(3, 2, 32)  # [P, Gg, K]
+    blocked = UPacking(2, 16).scales(su)
+    assert blocked.shape == (3, 2, 2, 16) and blocked.flags.c_contiguous
+    for p, g, k in [(0, 0, 0), (1, 1, 17), (2, 0, 31)]:
+        assert blocked[p, k // 16, g, k % 16] == su[p, g, k]
+    assert UPacking(2).scales(su) is su  # not blocked: as it is
+    with pytest.raises(ValueError, match="multiple of 16"):
+        block_scales(su[..., :24], 16)
 
 
 def test_upacking_extras_are_group_sums_times_offset() -> None:
     rng = np.random.default_rng(1)
     u = rng.integers(-128, 128, (3, 64, 16)).astype("int8")
     assert UPacking(2, 16).extras(u) == []
-    (uc,) = UPacking(4, 16, 128, 32).extras(u)
-    assert uc.dtype == np.int32 and uc.shape == (3, 2, 16)
-    np.testing.assert_array_equal(uc[:, 1, :], 128 * u[:, 32:, :].astype(np.int32).sum(axis=1))
+    (uc,) = UPacking(4, 16, 128, 32).extras(u)  # blocked as the scales: [P, K/kb, Gg, kb]
+    assert uc.dtype == np.int32 and uc.shape == (3, 1, 2, 16)
+    np.testing.assert_array_equal(uc[:, 0, 1, :], 128 * u[:, 32:, :].astype(np.int32).sum(axis=1))
     with pytest.raises(ValueError, match="bad packing"):
         UPacking(4, 16, 128)  # an offset needs the group its sums run over
     with pytest.raises(ValueError, match="multiple of the group 48"):
@@ -186,7 +200,7 @@ def test_vnni_kernel_bit_exact(s: GemmShape) -> None:
     vq, sv, uq, su = _gemm_operands(s)
     kernel, packing = fam.prepack_gemm(gemm_kernel(s).with_attr("winoq.kernel", "gemm"), VNNI)
     got = _run_gemm(fam.schedule_gemm(kernel, VNNI), VNNI, s,
-                    vq, sv, packing.pack(uq), su, *packing.extras(uq))
+                    vq, sv, packing.pack(uq), packing.scales(su), *packing.extras(uq))
     np.testing.assert_array_equal(got, _run_gemm(gemm_kernel(s), VNNI, s, vq, sv, uq, su))
 
 

@@ -273,6 +273,10 @@ class DirectPacking:
         blocks = w_q.reshape(kh, kw, cp // cw, cw, k // self.kb, self.kb)
         return np.ascontiguousarray(blocks.transpose(4, 0, 1, 2, 5, 3))
 
+    def scales(self, s_w: np.ndarray) -> np.ndarray:
+        """``s_w`` [K] as the kernel reads it: as it is."""
+        return s_w
+
     def extras(self, w_q: np.ndarray) -> list[np.ndarray]:
         """The constants the kernel takes after ``bias``: ``w_c`` [K] int32."""
         sums = w_q.astype(np.int64).sum(axis=(0, 1, 2)) * self.x_offset
@@ -412,7 +416,8 @@ def direct_layer_module(
         family.prepack_direct(func, target))
     if packed is not None:
         func, packing = packed
-        consts = consts | {"w_q": packing.pack(consts["w_q"]), "w_c": packing.extras(consts["w_q"])[0]}
+        consts = consts | {"w_q": packing.pack(consts["w_q"]), "s_w": packing.scales(consts["s_w"]),
+                           "w_c": packing.extras(consts["w_q"])[0]}
     mod = tvm.IRModule({"winoq_direct": func.with_attr("global_symbol", "winoq_direct")})
     if family is not None:
         mod = family.schedule_winoq_kernels(mod, target)

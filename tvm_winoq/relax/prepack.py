@@ -4,14 +4,17 @@ A schedule family may export hooks ``prepack_gemm(func, target)`` and ``prepack_
 each returning ``(kernel, packing) | None`` (``schedules/x86.py`` has both). For every
 ``R.call_tir(kernel, args, ...)`` of that kind whose weight argument is a constant and whose kernel the
 hook accepts, the call is rewritten to the hook's kernel (added once per kernel, as
-``<name>_prepacked``) on the weight packed as its ``packing`` says (``packing.pack(w)``), followed by the
+``<name>_prepacked``) on the weight packed as its ``packing`` says (``packing.pack(w)``), the weight's
+scales (the next argument, also a constant) laid out as it says (``packing.scales(s)``), followed by the
 constants it adds (``packing.extras(w)``), computed here with NumPy::
 
     mf = R.call_tir(winoq_gemm_*, (vq, sv, U_q, s_U), m_f)      # U_q: argument 2
     y = R.call_tir(winoq_direct_*, (x, W_q, s_W, bias), y)       # W_q: argument 1
     # become
-    mf = R.call_tir(winoq_gemm_*_prepacked, (vq, sv, packing.pack(U_q), s_U, *packing.extras(U_q)), m_f)
-    y = R.call_tir(winoq_direct_*_prepacked, (x, packing.pack(W_q), s_W, bias, *packing.extras(W_q)), y)
+    mf = R.call_tir(winoq_gemm_*_prepacked, (vq, sv, packing.pack(U_q), packing.scales(s_U),
+                                             *packing.extras(U_q)), m_f)
+    y = R.call_tir(winoq_direct_*_prepacked, (x, packing.pack(W_q), packing.scales(s_W), bias,
+                                              *packing.extras(W_q)), y)
 
 so the module no longer repacks the weights on every call (the GEMM's ``U`` is 36 x C x K bytes for
 F(4,3)). Kernels a hook declines, and kinds without a hook, are left unchanged.
@@ -35,6 +38,8 @@ class Packing(Protocol):
     """What a hook's packing provides (:class:`~.gemm.UPacking`, :class:`~.direct.DirectPacking`)."""
 
     def pack(self, w: np.ndarray) -> np.ndarray: ...  # noqa: D102
+
+    def scales(self, s: np.ndarray) -> np.ndarray: ...  # noqa: D102
 
     def extras(self, w: np.ndarray) -> list[np.ndarray]: ...  # noqa: D102
 
@@ -75,8 +80,11 @@ class _Prepacker(relax.PyExprMutator):
             return call
         new_gv, packing, index = kernel
         fields = list(args.fields)
+        if not isinstance(fields[index + 1], tvm.ir.Constant):  # the packed kernel reads them packed too
+            return call
         w = fields[index].value.numpy()
         fields[index] = relax.const(packing.pack(w))
+        fields[index + 1] = relax.const(packing.scales(fields[index + 1].value.numpy()))
         fields += [relax.const(e) for e in packing.extras(w)]
         return relax.call_tir(new_gv, fields, call.ty_args[0])
 
