@@ -266,13 +266,9 @@ _DIRECT_ACCUMULATORS = 24  # of the 32 vector registers: the rest hold 4 weight 
 
 def _direct_block(spec: DirectSpec) -> int:
     """Output channels per register block (16, 8 or 4; 0 if ``K`` is not a multiple of 4): the one whose
-    register tile (with the columns :func:`cpu.schedule_packed_direct` will pick) holds the most
-    accumulators, the wider on a tie (14 columns: 8 channels x 7 columns, not 16 x 2)."""
-    def accumulators(kb: int) -> int:
-        return _cpu.packed_direct_columns(spec.out_w, kb, 4, _DIRECT_ACCUMULATORS) * kb // 4
-
-    blocks = [kb for kb in (16, 8, 4) if spec.out_channels % kb == 0]
-    return max(blocks, key=lambda kb: (accumulators(kb), kb), default=0)
+    register tile holds the most accumulators, the wider on a tie (14 columns: 8 channels x 7 columns,
+    not 16 x 2; :func:`cpu.packed_direct_block`)."""
+    return _cpu.packed_direct_block(spec.out_w, spec.out_channels, (16, 8, 4), 4, _DIRECT_ACCUMULATORS)
 
 
 def prepack_direct(func: tirx.PrimFunc,
@@ -283,9 +279,10 @@ def prepack_direct(func: tirx.PrimFunc,
     and no offset is subtracted); ``None`` without the dot product, for grouped convs, ``K`` not a
     multiple of 4, or anything but the plain kernel."""
     spec = DirectSpec.of_func(func)
-    if spec is None or not tensorized_direct(target) or not _direct_block(spec):
+    kb = _direct_block(spec) if spec is not None and tensorized_direct(target) else 0
+    if not kb:
         return None
-    packing = DirectPacking(_direct_block(spec), x_offset=0)
+    packing = DirectPacking(kb, x_offset=0)
     if not packing.fits(spec):
         return None
     return _cpu.with_attrs_of(packed_direct_func(spec, packing), func), packing

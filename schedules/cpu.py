@@ -33,10 +33,10 @@ from tvm.s_tir import Schedule
 
 from tvm_winoq.relax.schedules import load_module
 
-__all__ = ["gemm_shape", "packed_direct_columns", "schedule_direct", "schedule_direct_dequant",
-           "schedule_input_quant", "schedule_gemm", "schedule_input", "schedule_other_ops", "schedule_output",
-           "schedule_kernels_with_gemm", "schedule_packed_direct", "schedule_packed_gemm",
-           "schedule_winoq_kernels"]
+__all__ = ["gemm_shape", "packed_direct_block", "packed_direct_columns", "schedule_direct",
+           "schedule_direct_dequant", "schedule_input_quant", "schedule_gemm", "schedule_input",
+           "schedule_other_ops", "schedule_output", "schedule_kernels_with_gemm", "schedule_packed_direct",
+           "schedule_packed_gemm", "schedule_winoq_kernels"]
 
 _ops: ModuleType = load_module("cpu_ops")
 _SCHEDULED, _extent, _divisor, _has_block = _ops.SCHEDULED, _ops.extent, _ops.divisor, _ops.has_block
@@ -397,6 +397,18 @@ def packed_direct_columns(out_w: int, kb: int, lanes: int, accumulators: int) ->
     """Output columns per register block of :func:`schedule_packed_direct`: the largest of 8..2 dividing
     ``out_w`` whose ``columns * kb / lanes`` accumulators fit in ``accumulators`` (1 if none)."""
     return _divisor(out_w, tuple(t for t in (8, 7, 6, 5, 4, 3, 2) if t * kb // lanes <= accumulators))
+
+
+def packed_direct_block(out_w: int, out_channels: int, blocks: tuple[int, ...], lanes: int,
+                        accumulators: int) -> int:
+    """Output channels per register block of :func:`schedule_packed_direct`: of ``blocks`` dividing
+    ``out_channels``, the one whose register tile (with :func:`packed_direct_columns`) holds the most
+    accumulators, the wider on a tie (0 if none divides)."""
+    def held(kb: int) -> int:
+        return packed_direct_columns(out_w, kb, lanes, accumulators) * kb // lanes
+
+    fits = [kb for kb in blocks if out_channels % kb == 0]
+    return max(fits, key=lambda kb: (held(kb), kb), default=0)
 
 
 def schedule_packed_direct(func: tirx.PrimFunc, lanes: int, intrin: str, accumulators: int) -> tirx.PrimFunc:

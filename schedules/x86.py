@@ -304,16 +304,10 @@ _PAIR_ACCUMULATORS = {8: 12, 16: 24}  # ymm / zmm accumulators of the vpmaddwd d
 
 def _pair_block(spec: DirectSpec, lanes: int) -> int:
     """Output channels per register block of the ``vpmaddwd`` direct kernel (4, 2 or 1 vectors; 0 if
-    ``K`` is not a multiple of the lanes): the one whose register tile (with the columns
-    :func:`cpu.schedule_packed_direct` picks) holds the most accumulators, the wider on a tie (7 columns:
-    8 channels x 7 columns on AVX2, not 16 x 1)."""
-    acc = _PAIR_ACCUMULATORS[lanes]
-
-    def accumulators(kb: int) -> int:
-        return _cpu.packed_direct_columns(spec.out_w, kb, lanes, acc) * kb // lanes
-
-    blocks = [m * lanes for m in (4, 2, 1) if spec.out_channels % (m * lanes) == 0]
-    return max(blocks, key=lambda kb: (accumulators(kb), kb), default=0)
+    ``K`` is not a multiple of the lanes), as many accumulators as fit (7 columns: 8 channels x 7 columns
+    on AVX2, not 16 x 1; :func:`cpu.packed_direct_block`)."""
+    return _cpu.packed_direct_block(spec.out_w, spec.out_channels, (4 * lanes, 2 * lanes, lanes), lanes,
+                                    _PAIR_ACCUMULATORS[lanes])
 
 
 def prepack_direct(func: tirx.PrimFunc,
@@ -330,8 +324,8 @@ def prepack_direct(func: tirx.PrimFunc,
         return None
     if vnni(target):
         packing = DirectPacking(_k_block(spec.out_channels, lanes))  # a multiple of the lanes
-    elif _pair_block(spec, lanes):
-        packing = DirectPacking(_pair_block(spec, lanes), x_offset=0, cw=2)
+    elif kb := _pair_block(spec, lanes):
+        packing = DirectPacking(kb, x_offset=0, cw=2)
     else:
         return None
     if not packing.fits(spec):
