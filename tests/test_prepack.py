@@ -64,17 +64,19 @@ def test_declining_hook_changes_nothing() -> None:
     assert seen == ["gemm"]  # asked once per gemm kernel (both convs share one), never for others
 
 
-@pytest.mark.parametrize(("c", "hw", "tile"), [(32, 9, 4), (64, 7, 6)])
-def test_x86_model_uses_prepacked_gemm_and_matches_reference(c: int, hw: int, tile: int) -> None:
+@pytest.mark.parametrize(("c", "hw", "tile", "kb"), [(32, 9, 4, 16), (64, 7, 6, 16), (32, 28, 4, 8)])
+def test_x86_model_uses_prepacked_gemm_and_matches_reference(c: int, hw: int, tile: int, kb: int) -> None:
+    """U packed in blocks of the register block's output channels: two ymm vectors (16), one (8) where
+    the block has 7 tiles (28x28: 49 tiles; 14 accumulators of two vectors would spill)."""
     m, x = _model(c), torch.randn(1, c, hw, hw)
     cfg = default_config(tile)
     mod, _, _ = prepare_module(m, x, cfg)
     low = lower(mod, tvm.target.Target(TARGET))
     gemms = [gv.name_hint for gv in low.functions.keys() if "gemm" in gv.name_hint]
     assert gemms and all(n.endswith("_prepacked") for n in gemms), gemms
-    for name in gemms:  # U in blocks of the register block's 16 output channels: [P, K/16, Cp/2, 16, 2]
+    for name in gemms:  # U in blocks of the register block's output channels: [P, K/kb, Cp/2, kb, 2]
         u = low[name].params[2]
-        assert [int(d) for d in u.shape][1:] == [c // 16, c // 2, 16, 2]
+        assert [int(d) for d in u.shape][1:] == [c // kb, c // 2, kb, 2]
     y = compile_model(m, x, cfg, target=TARGET).runner()(x)
     qm, _ = quantize_model(m, cfg, None)
     with torch.no_grad():
@@ -97,6 +99,14 @@ def test_x86_hook_declines_scheduled_gemm() -> None:
     sch = Schedule(gemm)
     sch.decompose_reduction(sch.get_sblock("gemm_acc"), sch.get_loops(sch.get_sblock("gemm_acc"))[-1])
     assert fam.prepack_gemm(sch.mod["main"].with_attrs(gemm.attrs), target) is None
+
+
+@pytest.mark.parametrize(("t", "k", "lanes", "block"), [(196, 64, 8, (4, 16)), (49, 128, 8, (7, 8)),
+                                                        (49, 128, 16, (7, 32)), (16, 8, 8, (4, 8)),
+                                                        (9, 64, 8, (3, 16))])
+def test_x86_register_block(t: int, k: int, lanes: int, block: tuple[int, int]) -> None:
+    """Tiles x output channels per register block: never more int32 accumulators than registers hold."""
+    assert load_family("x86").register_block(t, k, lanes) == block
 
 
 @pytest.mark.parametrize("kb", [0, 16])
