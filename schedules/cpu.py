@@ -14,8 +14,9 @@ kernels produce the same bits as the naive ones (checked by ``tests/test_kernels
   parallel over (position, tile block); per channel group: the channel loop outside, ``vk`` output
   channels vectorized (``k``-inner), then the fma dequantization vectorized over ``vk``.
 * ``output``: parallel over tile rows; M absmax/quantize and both transform stages computed per tile
-  row, output channels vectorized; the NCHW store parallel over rows, as 8x8 shuffle transposes fused
-  with the dequantization fma where 8 divides K and W and the tiles cover the output exactly.
+  (36 x K floats, in L1 from stage to stage; the quantized M held as float32 integers), output
+  channels vectorized; the NCHW store parallel over rows, as 8x8 shuffle transposes fused with the
+  dequantization fma where 8 divides K and W and the tiles cover the output exactly.
 * Quantizers multiply by ``1 / s`` (:mod:`tvm_winoq.quant.ops`); the reciprocals of the V and M scales
   are computed once per scale (``rsv`` / ``rsm``), so no loop divides per element.
 * ``direct`` (int8 direct convolution): see :func:`schedule_direct`.
@@ -345,15 +346,18 @@ def schedule_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
         wo, wi = sch.split(ow, [None, 8])
         sch.reorder(ko, a, wo, ki, wi)
     sch.compute_at(sch.get_sblock("otf_cols"), row, preserve_unit_loops=True)
-    sch.compute_at(sch.get_sblock("otf_rows"), row, preserve_unit_loops=True)
+    # per tile of the row: everything from M's absmax to the column transform (a tile's 36 x K floats
+    # stay in L1 between the stages; per row they were re-read from L2)
+    tile = sch.get_loops(sch.get_sblock("otf_cols"))[1]
+    sch.compute_at(sch.get_sblock("otf_rows"), tile, preserve_unit_loops=True)
     if len(func.params) == 4 and _per_tile_row(sch):  # production (m_q, s_m internal)
         for name in ("m_quant", "m_scale", "m_absmax", "m_absmax_lanes"):
-            sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+            sch.compute_at(sch.get_sblock(name), tile, preserve_unit_loops=True)
         _vectorize(sch, sch.get_loops(sch.get_sblock("m_scale"))[-1])  # 2 divisions per scale
     for name in ("otf_rows", "otf_cols"):
         blk = sch.get_sblock(name)
         t_, k_, a_, j_ = sch.get_loops(blk)[-4:]
-        sch.reorder(t_, a_, j_, k_)
+        sch.reorder(a_, j_, k_)  # under t_ (which holds the earlier stages in otf_cols)
         sch.unroll(a_)
         sch.unroll(j_)
         _vectorize_in_groups(sch, k_, _scale_group(sch, blk, "sm"))

@@ -439,7 +439,7 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         for i0, i1, i2 in T.grid(p, t, k):
             with T.sblock("m_quant"):
                 v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
-                mq[v0, v1, v2] = _quant_r(mf[v0, v1, v2], rsm[v0 * on_p, v1 * on_t, v2 // gs], qm, mq_dt)
+                mq[v0, v1, v2] = _quant_r(mf[v0, v1, v2], rsm[v0 * on_p, v1 * on_t, v2 // gs], qm, mq.dtype)
         for i0, i1, i2, i3 in T.grid(t, k, m, n):
             with T.sblock("otf_rows"):
                 v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
@@ -469,7 +469,8 @@ def output_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
     def winoq_output(mf: T.Buffer((p, t, k), "float32"), sx: T.Buffer((1,), "float32"),
                      bias: T.Buffer((k,), "float32"), y: T.Buffer((nb, k, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})
-        mq = T.sblock_alloc_buffer((p, t, k), mq_dt)
+        # the quantized M as the float32 integers it holds (exact): no int8 round trip before the transform
+        mq = T.sblock_alloc_buffer((p, t, k), "float32")
         sm = T.sblock_alloc_buffer((pm, tm, gm), "float32")
         body(mf, sx, bias, mq, sm, y)
 
