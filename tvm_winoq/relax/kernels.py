@@ -19,6 +19,9 @@ folds away once a schedule unrolls the row loops); ``u_q``/``s_u``/``bias`` are 
 (compile-time constants of the Relax program), laid out by :func:`layer_constants`.  Group absmaxes
 are two-stage (8 partial maxima, then their max) so they vectorize; a partial last channel group is
 handled by clamping the channel index (no predicates, so every loop nest stays affine and schedulable).
+V's absmax runs on the transform's integers (``|fl(v beta)| = fl(|v| |beta|)`` is monotonic in ``|v|``,
+so ``fl(max |v| * |beta|)`` is the float absmax exactly); the output kernel holds the quantized M as
+float32 integers (the values of ``m_q``, without an int8 round trip before the transform).
 """
 
 from __future__ import annotations
@@ -323,9 +326,9 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         loads = [tmp[tt, i, a, ch] for a in range(n)]
         return _select(j, [_lincomb(bt[r], loads, tf_dt) for r in range(n)])
 
-    def beta_of(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-        return _select(i, [_select(j, [tirx.const(beta[r * n + s], "float32") for s in range(n)])
-                           for r in range(n)])
+    def beta_of(pos: tirx.PrimExpr, magnitude: bool = False) -> tirx.PrimExpr:
+        values = np.abs(beta) if magnitude else beta
+        return _select(pos, [tirx.const(float(v), "float32") for v in values])
 
     @T.prim_func(s_tir=True, private=True)
     def winoq_input(x: T.Buffer((nb, c, h, w), "float32"), vq: T.Buffer((p, t, c), vq_dt),
@@ -334,10 +337,10 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
         xmax = T.sblock_alloc_buffer((1,), "float32")
         xp = T.sblock_alloc_buffer((nb, hp, wp, c), xp_dt)  # quantized, padded, NHWC
         tmp = T.sblock_alloc_buffer((t, n, n, c), tf_dt)  # BT_int d (per tile)
-        vs = T.sblock_alloc_buffer((n, n, t, c), "float32")  # V_s = float(BT_int d BT_int^T) * beta
+        vi = T.sblock_alloc_buffer((n, n, t, c), tf_dt)  # BT_int d BT_int^T; V_s = float(vi) * beta
         vmax = T.sblock_alloc_buffer((p, t, gv), "float32")
         rsv = T.sblock_alloc_buffer((p, t, gv), "float32")  # 1 / s_v, once per scale
-        vlane = T.sblock_alloc_buffer((t, p, gv, lv), "float32")  # per tile: GPU schedules move blocks
+        vlane = T.sblock_alloc_buffer((t, p, gv, lv), tf_dt)  # per tile: GPU schedules move blocks
         quantize_input(x, xmax, sx, xp)
         for it in range(t):  # everything after the input quantization is per tile
             for i0, i1, i2 in T.grid(n, n, c):
@@ -349,22 +352,25 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                 with T.sblock("tf_cols"):
                     v0 = T.axis.spatial(t, it)
                     v1, v2, v3 = T.axis.remap("SSS", [i0, i1, i2])
-                    vs[v1, v2, v0, v3] = T.Cast("float32", cols(v2, tmp, v0, v1, v3)) * beta_of(v1, v2)
+                    vi[v1, v2, v0, v3] = cols(v2, tmp, v0, v1, v3)
+            # |V_s| = fl(|vi| |beta|) grows with |vi|: its absmax is fl(max |vi| * |beta|), exactly, so the
+            # maxima run on the integers (twice the lanes, no conversion) and scale once per group
             for i0, i1, i2, i3 in T.grid(p, gv, lv, gs // lv):  # lv partial maxima (vectorizable)
                 with T.sblock("v_absmax_lanes"):
                     v0 = T.axis.spatial(t, it)
                     v1, v2, v3, v4 = T.axis.remap("SSSR", [i0, i1, i2, i3])
                     with T.init():
-                        vlane[v0, v1, v2, v3] = T.float32(0)
-                    vlane[v0, v1, v2, v3] = T.max(vlane[v0, v1, v2, v3], T.fabs(
-                        vs[v1 // n, v1 % n, v0, clamp_index(v2 * gs + v4 * lv + v3, c, gv * gs)]))
+                        vlane[v0, v1, v2, v3] = T.Cast(tf_dt, 0)
+                    vlane[v0, v1, v2, v3] = T.max(vlane[v0, v1, v2, v3], T.abs(
+                        vi[v1 // n, v1 % n, v0, clamp_index(v2 * gs + v4 * lv + v3, c, gv * gs)]))
             for i0, i1, i2 in T.grid(p, gv, lv):
                 with T.sblock("v_absmax"):
                     v0 = T.axis.spatial(t, it)
                     v1, v2, v3 = T.axis.remap("SSR", [i0, i1, i2])
                     with T.init():
                         vmax[v1, v0, v2] = T.float32(0)
-                    vmax[v1, v0, v2] = T.max(vmax[v1, v0, v2], vlane[v0, v1, v2, v3])
+                    vmax[v1, v0, v2] = T.max(vmax[v1, v0, v2],
+                                             T.Cast("float32", vlane[v0, v1, v2, v3]) * beta_of(v1, True))
             for i0, i1 in T.grid(p, gv):
                 with T.sblock("v_scale"):
                     v0 = T.axis.spatial(t, it)
@@ -375,7 +381,8 @@ def input_func(spec: KernelSpec, debug: bool = False) -> tirx.PrimFunc:
                 with T.sblock("v_quant"):
                     v0 = T.axis.spatial(t, it)
                     v1, v2 = T.axis.remap("SS", [i0, i1])
-                    vq[v1, v0, v2] = _quant_r(vs[v1 // n, v1 % n, v0, v2], rsv[v1, v0, v2 // gs], qv, vq_dt)
+                    vq[v1, v0, v2] = _quant_r(T.Cast("float32", vi[v1 // n, v1 % n, v0, v2]) * beta_of(v1),
+                                              rsv[v1, v0, v2 // gs], qv, vq_dt)
 
     return winoq_input
 
