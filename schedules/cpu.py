@@ -504,34 +504,4 @@ def schedule_kernels_with_gemm(
 
 
 # ------------------------------------------------------------------------------- other operators
-def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule the remaining (legalized) PrimFuncs: ``cpu_ops.schedule_generic`` first, then dlight's CPU
-    rules (GEMV, Reduction) for whatever the generic schedule could not handle.
-
-    dlight's CPU ``Reduction`` rule alone would also claim convolutions, recomputing the padded input
-    per output pixel (about 20x slower than naive for ResNet's stride-2 convs), hence the order.
-    Float convolutions whose weights are constants read them blocked at compile time
-    (:mod:`tvm_winoq.relax.weight_layout`).
-    """
-    from tvm.s_tir import dlight as dl
-
-    from tvm_winoq.relax.weight_layout import WEIGHT_BLOCKS, BlockConvWeights, constant_params
-
-    lanes, max_acc = _ops.float_lanes(target)
-    consts = constant_params(mod)
-    mod, blocked = mod.clone(), {}
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc) or (
-                func.attrs is not None and (_SCHEDULED in func.attrs or "winoq.kernel" in func.attrs)):
-            continue
-        try:
-            new = _ops.schedule_generic(func, lanes, max_acc, consts.get(gv.name_hint, ()))
-        except Exception:  # noqa: BLE001 - a failed schedule keeps the (correct) naive function
-            continue
-        if WEIGHT_BLOCKS in new.attrs:  # a new signature: called under a new global var
-            blocked[gv.name_hint] = new
-        else:
-            mod.update_func(gv, new)
-    mod = BlockConvWeights(blocked)(mod)
-    with target:
-        return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+schedule_other_ops = _ops.schedule_other_ops  # the family entry point (cpu_ops: not our kernels)

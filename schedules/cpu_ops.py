@@ -6,19 +6,21 @@
   output pixels x channel vectors, input values broadcast.
 * :func:`schedule_generic`: any other reduction (pooling, matmul, grouped convs) as
   ``[parallel | reduction | 4 x 8 register tile]``; elementwise nests parallel and vectorized.
+* :func:`schedule_other_ops`: both over a module, then dlight's CPU rules (the CPU families' entry).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
+import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
 from tvm_winoq.relax.weight_layout import WEIGHT_BLOCKS
 
 __all__ = ["SCHEDULED", "divisor", "extent", "float_lanes", "has_block", "schedule_conv2d_nchw",
-           "schedule_generic", "with_attrs_of"]
+           "schedule_generic", "schedule_other_ops", "with_attrs_of"]
 
 SCHEDULED = "tirx.is_scheduled"
 
@@ -228,3 +230,34 @@ def schedule_generic(func: tirx.PrimFunc, lanes: int = 8, max_acc: int = 12,
     return out
 
 
+def schedule_other_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule the remaining (legalized) PrimFuncs: ``cpu_ops.schedule_generic`` first, then dlight's CPU
+    rules (GEMV, Reduction) for whatever the generic schedule could not handle.
+
+    dlight's CPU ``Reduction`` rule alone would also claim convolutions, recomputing the padded input
+    per output pixel (about 20x slower than naive for ResNet's stride-2 convs), hence the order.
+    Float convolutions whose weights are constants read them blocked at compile time
+    (:mod:`tvm_winoq.relax.weight_layout`).
+    """
+    from tvm.s_tir import dlight as dl
+
+    from tvm_winoq.relax.weight_layout import BlockConvWeights, constant_params
+
+    lanes, max_acc = float_lanes(target)
+    consts = constant_params(mod)
+    mod, blocked = mod.clone(), {}
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or (
+                func.attrs is not None and (SCHEDULED in func.attrs or "winoq.kernel" in func.attrs)):
+            continue
+        try:
+            new = schedule_generic(func, lanes, max_acc, consts.get(gv.name_hint, ()))
+        except Exception:  # noqa: BLE001 - a failed schedule keeps the (correct) naive function
+            continue
+        if WEIGHT_BLOCKS in new.attrs:  # a new signature: called under a new global var
+            blocked[gv.name_hint] = new
+        else:
+            mod.update_func(gv, new)
+    mod = BlockConvWeights(blocked)(mod)
+    with target:
+        return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
