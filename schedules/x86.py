@@ -214,8 +214,10 @@ def register_block(t: int, k: int, lanes: int) -> tuple[int, int]:
     """``(tiles, output channels)`` of the GEMM's register block: 4 (or 7, 5, ...: a divisor of ``t``)
     tiles x two vectors of channels, one vector where two would need more accumulators than there are
     registers (7 tiles x 2 ymm = 14 + 2 ``U`` + 1 broadcast > 16: two accumulators spilled, reloaded
-    and stored on every pair of channels; 128@28 on a Zen 3: 0.53 -> 0.48 ms)."""
-    tt = _cpu._divisor(t, (4, 7, 5, 6, 3, 2))
+    and stored on every pair of channels; 128@28 on a Zen 3: 0.53 -> 0.48 ms).  Square tile counts
+    without a small divisor get their side (F(6,3) at 64x64: 11 x 11 tiles, 11 per block; one tile per
+    block was 16.7 ms of GEMM at 320@64, 11 are 14.2)."""
+    tt = _cpu._divisor(t, (4, 7, 5, 6, 3, 11, 9, 10, 12, 8, 2))
     kk = _k_block(k, lanes)
     if tt * kk // lanes > _GEMM_ACCUMULATORS[lanes]:
         kk = lanes

@@ -103,7 +103,8 @@ def test_x86_hook_declines_scheduled_gemm() -> None:
 
 @pytest.mark.parametrize(("t", "k", "lanes", "block"), [(196, 64, 8, (4, 16)), (49, 128, 8, (7, 8)),
                                                         (49, 128, 16, (7, 32)), (16, 8, 8, (4, 8)),
-                                                        (9, 64, 8, (3, 16))])
+                                                        (9, 64, 8, (3, 16)), (121, 320, 8, (11, 8)),
+                                                        (121, 320, 16, (11, 32)), (169, 64, 8, (1, 16))])
 def test_x86_register_block(t: int, k: int, lanes: int, block: tuple[int, int]) -> None:
     """Tiles x output channels per register block: never more int32 accumulators than registers hold."""
     assert load_family("x86").register_block(t, k, lanes) == block
