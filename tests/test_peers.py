@@ -229,3 +229,9 @@ def test_cli_unknown_preset_is_one_line_error(capsys):
     assert run_layers_main(["--preset", "no-such-board", "--shapes", "8@6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and "unknown target preset 'no-such-board'" in err[0]
+
+
+def test_cli_unknown_impl_is_one_line_error(capsys):
+    assert run_layers_main(["--impls", "ours-f9", "--shapes", "8@6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "unknown implementation(s) ['ours-f9']" in err[0]
