@@ -80,6 +80,13 @@ def registered_impls() -> list[str]:
     return list(_REGISTRY)
 
 
+def unknown_impls_message(names: Sequence[str]) -> str | None:
+    """``"unknown implementation(s) [...]; registered: [...]"`` if any of ``names`` is not registered."""
+    if unknown := [n for n in names if n not in _REGISTRY]:
+        return f"unknown implementation(s) {unknown}; registered: {registered_impls()}"
+    return None
+
+
 def set_wait_policy(passive: bool) -> None:
     """Make idle worker threads sleep instead of spin (OpenMP, TVM pool, ONNX Runtime) or restore defaults.
 
@@ -411,8 +418,8 @@ def run_benchmark(shapes: Iterable[Shape | str], threads: Sequence[int] = (1, 2)
         ``{"meta": {...}, "rows": [Row as dict, ...]}``, JSON-ready; see :func:`to_markdown`.
     """
     names = list(impls or registered_impls())
-    if unknown := [n for n in names if n not in _REGISTRY]:
-        raise KeyError(f"unknown implementation(s) {unknown}; registered: {registered_impls()}")
+    if problem := unknown_impls_message(names):
+        raise KeyError(problem)
     meta = system_info() | {"repeat": repeat, "budget_s": budget_s, "seed": seed, "gap_s": gap_s,
                             "impls": {n: _REGISTRY[n].note for n in names}}
     rows: list[Row] = []

@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     impls = [n for n in (args.impls or peers.registered_impls()) if n not in set(args.exclude)]
-    if unknown := [n for n in impls if n not in peers.registered_impls()]:
-        print(f"error: unknown implementation(s) {unknown}; registered: {peers.registered_impls()}",
-              file=sys.stderr)
+    if problem := peers.unknown_impls_message(impls):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     result = peers.run_benchmark(args.shapes, args.threads, impls, repeat=args.repeat, budget_s=args.budget,
                                  seed=args.seed, gap_s=args.gap, time_invalid=args.time_invalid)
